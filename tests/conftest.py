@@ -1,0 +1,54 @@
+"""Shared test settings: offline, the course's data, a throw-away home folder, a small trained tokenizer."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_UPDATE_DOWNLOAD_COUNTS": "0",
+                   "MPLBACKEND": "Agg"}.items():
+    os.environ.setdefault(key, value)
+if not os.environ.get("NANOCHAT_DATA") and (REPO.parent / "shared" / "data").is_dir():
+    os.environ["NANOCHAT_DATA"] = str(REPO.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nanochat_home(tmp_path_factory):
+    "Every test session writes to its own home folder, never to the user's cache."
+    home = tmp_path_factory.mktemp("nanochat_home")
+    os.environ["NANOCHAT_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Path(os.environ["NANOCHAT_DATA"])
+    assert (root / "pretrain").is_dir(), f"tests need the course data at {root} (set NANOCHAT_DATA)"
+    return root
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory, data_root):
+    "A real BPE tokenizer (vocab 2048) trained on 2M characters of the first training shard, saved to disk."
+    from nanochat_nb.tokenizer import Tokenizer
+    import pyarrow.parquet as pq
+    texts = pq.read_table(data_root / "pretrain" / "shard_00000.parquet", columns=["text"]).column("text").to_pylist()
+    budget, sample = 2_000_000, []
+    for text in texts:
+        sample.append(text[:budget])
+        budget -= len(sample[-1])
+        if budget <= 0:
+            break
+    tok = Tokenizer.train(iter(sample), vocab_size=2048)
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tok.save(folder)
+    tok.folder = folder
+    return tok
+
+
+def run_python(*args, env=None, timeout=600, cwd=REPO):
+    "Run `python *args` in a subprocess; return the CompletedProcess (stdout and stderr as text)."
+    import subprocess
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
