@@ -27,7 +27,8 @@ __all__ = ['REPO_ROOT', 'DATA_LAYOUT', 'DTYPES', 'GPU_PEAK_BF16_FLOPS', 'nanocha
            'settings_path', 'preset_names', 'load_preset', 'parse_args_with_preset', 'autodetect_device_type',
            'compute_dtype', 'DistInfo', 'dist_env', 'is_main_process', 'print0', 'init_distributed',
            'cleanup_distributed', 'seed_everything', 'RunLogger', 'read_log', 'gpu_peak_flops', 'measure_matmul_flops',
-           'cpu_name', 'cpu_peak_flops', 'peak_flops', 'git_commit', 'hardware_summary', 'print_hardware_summary']
+           'cpu_name', 'cpu_peak_flops', 'peak_flops', 'git_commit', 'hardware_summary', 'print_hardware_summary',
+           'stage_command', 'run_module']
 
 # %% ../nbs/00_common.ipynb #3658c07c
 REPO_ROOT = Path(__file__).resolve().parent.parent if "__file__" in globals() else Path.cwd().parent
@@ -348,3 +349,23 @@ def hardware_summary() -> dict:
 def print_hardware_summary():
     for key, value in hardware_summary().items():
         print0(f"{key:>14}: {value}")
+
+# %% ../nbs/00_common.ipynb #3660350f
+def stage_command(module: str, *args: str, nproc: int = 1) -> list[str]:
+    "The command line that runs `python -m module args` (under torchrun with `nproc` processes if > 1)."
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, "-m", module, *map(str, args)]
+
+
+def run_module(module: str, *args: str, nproc: int = 1, env: dict | None = None):
+    "Run a stage as a subprocess, echo its output live, and raise if it fails."
+    command = stage_command(module, *args, nproc=nproc)
+    print("$", " ".join(command[1:] if nproc == 1 else command), flush=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    for line in process.stdout:
+        print(line, end="", flush=True)
+    if process.wait() != 0:
+        raise RuntimeError(f"stage `{module}` failed with exit code {process.returncode} (its output is above)")
