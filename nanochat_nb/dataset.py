@@ -5,16 +5,30 @@
 # %% ../nbs/02_dataset.ipynb #74937d05
 from __future__ import annotations
 
+import argparse
+import fcntl
+import os
 import re
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
-from .common import data_dir
+from .common import data_dir, default_data_dir, parse_args_with_preset
 
 # %% auto #0
-__all__ = ['HF_DATASETS', 'SHARD_SOURCES', 'SHARD_NAME', 'shard_name', 'list_shards', 'split_shards', 'iter_texts']
+__all__ = ['HF_DATASETS', 'SHARD_SOURCES', 'SHARD_NAME', 'shard_name', 'list_shards', 'split_shards', 'CorruptShardError',
+           'verify_shard', 'verify_shards', 'RowGroup', 'RowGroupReader', 'iter_texts', 'shard_url', 'shard_indices',
+           'ShardNotFoundError', 'download_shard', 'default_shard_folder', 'download_shards', 'ensure_shards',
+           'build_parser', 'main']
 
 # %% ../nbs/02_dataset.ipynb #bb1ccd82
 HF_DATASETS = "https://huggingface.co/datasets"
@@ -40,11 +54,15 @@ def _shard_folder(folder) -> Path:
     return folder
 
 
+def _shard_paths(folder: Path) -> list[Path]:
+    shards = (p for p in folder.iterdir() if SHARD_NAME.fullmatch(p.name) and p.is_file())
+    return sorted(shards, key=lambda p: int(SHARD_NAME.fullmatch(p.name)[1]))
+
+
 def list_shards(folder: str | Path | None = None) -> list[Path]:
     "The `shard_XXXXX.parquet` files of `folder` (default: the data folder's `pretrain/`), sorted by index."
     folder = _shard_folder(folder)
-    shards = sorted((p for p in folder.iterdir() if SHARD_NAME.fullmatch(p.name) and p.is_file()),
-                    key=lambda p: int(SHARD_NAME.fullmatch(p.name)[1]))
+    shards = _shard_paths(folder)
     if not shards:
         raise FileNotFoundError(f"No shard_XXXXX.parquet files in {folder}: fetch some with "
                                 "`nanochat-data download -n N`, or point NANOCHAT_DATA at a folder with pretrain/ shards.")
@@ -61,18 +79,298 @@ def split_shards(split: str, folder: str | Path | None = None) -> list[Path]:
                          "validation split); fetch more with `nanochat-data download -n N`.")
     return shards[:-1] if split == "train" else shards[-1:]
 
-# %% ../nbs/02_dataset.ipynb #9e6f4286
+# %% ../nbs/02_dataset.ipynb #a29c16e1
+class CorruptShardError(ValueError):
+    "A file named like a shard that is not a readable parquet file with a `text` column."
+
+
+def _corrupt_help(path: Path, problem: str) -> str:
+    return (f"Shard {path} {problem}: delete it and fetch it again with `nanochat-data download -n N` "
+            "(or replace it with a good copy).")
+
+
+def verify_shard(path: str | Path, full: bool = False) -> int:
+    "Check that `path` is a readable parquet file with a `text` column (`full`: decode every row group); return its row count."
+    path = Path(path)
+    try:
+        shard = pq.ParquetFile(path)
+        if "text" not in shard.schema_arrow.names:
+            raise CorruptShardError(_corrupt_help(path, f"has no `text` column (columns: {shard.schema_arrow.names})"))
+        if full:
+            for row_group in range(shard.num_row_groups):
+                shard.read_row_group(row_group, columns=["text"])
+        return shard.metadata.num_rows
+    except (pa.ArrowException, OSError) as e:
+        raise CorruptShardError(_corrupt_help(path, f"is not a readable parquet file ({e})")) from e
+
+
+def verify_shards(paths, full: bool = False) -> int:
+    "Verify every shard of `paths` (the first bad one raises `CorruptShardError`, naming it); return the total rows."
+    return sum(verify_shard(path, full) for path in paths)
+
+# %% ../nbs/02_dataset.ipynb #f21304e4
+@dataclass
+class RowGroup:
+    "The documents of one row group, where they came from, and the reader's state after reading them."
+    texts: list[str]
+    epoch: int
+    shard: int  # index into the reader's list of shards
+    row_group: int
+    state_after: dict
+
+
+class RowGroupReader:
+    """Row groups `rank, rank+world_size, ...` of each shard in turn, forever (`loop`) or for one pass.
+
+    `state_dict()` is the position of the next row group to read; `load_state_dict` resumes there."""
+
+    def __init__(self, shards, rank: int = 0, world_size: int = 1, loop: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world size {world_size}).")
+        self.shards, self.rank, self.world_size, self.loop = [Path(p) for p in shards], rank, world_size, loop
+        if not self.shards:
+            raise ValueError("RowGroupReader needs at least one shard.")
+        self.epoch, self.shard, self.row_group = 0, 0, rank
+        self._files: dict[int, pq.ParquetFile] = {}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "shard": self.shard, "row_group": self.row_group}
+
+    def load_state_dict(self, state: dict):
+        if not 0 <= state["shard"] <= len(self.shards) or (state["row_group"] - self.rank) % self.world_size:
+            raise ValueError(f"Reader position {state} does not belong to rank {self.rank} of {self.world_size} "
+                             f"over {len(self.shards)} shards: was it saved by another rank or another data folder?")
+        self.epoch, self.shard, self.row_group = state["epoch"], state["shard"], state["row_group"]
+
+    def file(self, shard: int) -> pq.ParquetFile:
+        "The open parquet file of shard number `shard` (a clear error if it is not a readable shard)."
+        if shard not in self._files:
+            verify_shard(self.shards[shard])
+            self._files = {shard: pq.ParquetFile(self.shards[shard])}  # keep only the current shard open
+        return self._files[shard]
+
+    def read(self, shard: int, row_group: int) -> list[str]:
+        "The documents of one row group (random access, e.g. to rebuild a saved buffer)."
+        try:
+            return self.file(shard).read_row_group(row_group, columns=["text"]).column("text").to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise CorruptShardError(_corrupt_help(self.shards[shard], f"has an unreadable row group {row_group} ({e})")) from e
+
+    def _has_work(self) -> bool:
+        return any(self.rank < self.file(s).num_row_groups for s in range(len(self.shards)))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> RowGroup:
+        while self.shard == len(self.shards) or self.row_group >= self.file(self.shard).num_row_groups:
+            if self.shard < len(self.shards):
+                self.shard, self.row_group = self.shard + 1, self.rank
+                continue
+            if not self.loop:
+                raise StopIteration
+            if not self._has_work():
+                raise ValueError(f"Rank {self.rank} of {self.world_size} gets no row groups: the shards have fewer "
+                                 f"row groups than there are ranks; use fewer ranks or shards with more row groups.")
+            self.epoch, self.shard, self.row_group = self.epoch + 1, 0, self.rank
+        epoch, shard, row_group = self.epoch, self.shard, self.row_group
+        texts = self.read(shard, row_group)
+        self.row_group += self.world_size
+        return RowGroup(texts, epoch, shard, row_group, self.state_dict())
+
+# %% ../nbs/02_dataset.ipynb #550292f4
 def iter_texts(split: str = "train", folder: str | Path | None = None, max_chars: int | None = None,
                doc_cap: int | None = None) -> Iterator[str]:
     "The documents of a split in order, each cropped to `doc_cap` characters, stopping after `max_chars` in all."
     remaining = max_chars if max_chars is not None else float("inf")
-    for path in split_shards(split, folder):
-        shard = pq.ParquetFile(path)
-        for row_group in range(shard.num_row_groups):
-            for text in shard.read_row_group(row_group, columns=["text"]).column("text").to_pylist():
-                text = text[:doc_cap] if doc_cap is not None else text
-                if len(text) >= remaining:
-                    yield text[:int(remaining)]
-                    return
-                remaining -= len(text)
-                yield text
+    for group in RowGroupReader(split_shards(split, folder), loop=False):
+        for text in group.texts:
+            text = text[:doc_cap] if doc_cap is not None else text
+            if len(text) >= remaining:
+                yield text[:int(remaining)]
+                return
+            remaining -= len(text)
+            yield text
+
+# %% ../nbs/02_dataset.ipynb #afecac13
+def shard_url(index: int, source: str = "climbmix", base_url: str | None = None) -> str:
+    "Where shard `index` is fetched from: `base_url` (or `NANOCHAT_SHARD_URL`) if given, else the source's hub URL."
+    base_url = base_url or os.environ.get("NANOCHAT_SHARD_URL")
+    if base_url:
+        return base_url.format(index=index) if "{index" in base_url else f"{base_url.rstrip('/')}/{shard_name(index)}"
+    if source not in SHARD_SOURCES:
+        raise ValueError(f"Unknown shard source {source!r}: use one of {', '.join(SHARD_SOURCES)}, or give --base-url.")
+    return SHARD_SOURCES[source][0].format(index=index)
+
+
+def shard_indices(num_shards: int, total_shards: int) -> list[int]:
+    "The shards to fetch for `num_shards` (-1: all): the first `num_shards - 1` and the last one (validation)."
+    if num_shards == -1 or num_shards >= total_shards:
+        return list(range(total_shards))
+    if num_shards < 2:
+        raise ValueError(f"Asked for {num_shards} shard(s): at least 2 are needed (training and validation).")
+    return [*range(num_shards - 1), total_shards - 1]
+
+# %% ../nbs/02_dataset.ipynb #8de5d183
+class ShardNotFoundError(FileNotFoundError):
+    "The server has no such shard (HTTP 404)."
+
+
+def _fetch_once(url: str, part: Path, timeout: float, on_bytes) -> None:
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the range starts at the end: the .part file may already be complete
+            return
+        raise
+    with response, open(part, "ab" if response.status == 206 else "wb") as out:
+        have = have if response.status == 206 else 0
+        length = response.headers.get("Content-Length")
+        expected = have + int(length) if length is not None else None
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
+            on_bytes(len(chunk))
+        size = out.tell()
+    if expected is not None and size != expected:
+        raise ConnectionError(f"connection closed after {size:,} of {expected:,} bytes")
+
+
+def download_shard(url: str, dest: str | Path, retries: int = 5, backoff: float = 1.0, timeout: float = 60,
+                   full_check: bool = False, on_bytes=lambda n: None, log=print) -> Path:
+    "Fetch `url` to `dest` via `dest.part` (resuming, retrying with backoff, fully verified); return `dest`."
+    dest = Path(dest)
+    part, lock_path = dest.with_name(dest.name + ".part"), dest.with_name(f".{dest.name}.lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process is downloading this shard: wait for it to finish
+        try:
+            return dest if _complete(dest, full_check, log=lambda msg: None) else _download(
+                url, dest, part, retries, backoff, timeout, on_bytes, log)
+        finally:
+            lock_path.unlink(missing_ok=True)
+
+
+def _download(url, dest: Path, part: Path, retries, backoff, timeout, on_bytes, log) -> Path:
+    last_error = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            _fetch_once(url, part, timeout, on_bytes)
+            verify_shard(part, full=True)
+            part.replace(dest)
+            return dest
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                part.unlink(missing_ok=True)
+                raise ShardNotFoundError(f"{dest.name} is not on the server ({url} answered 404): check the "
+                                         "source, --base-url and --total-shards.") from e
+            last_error = f"HTTP {e.code}"
+        except CorruptShardError as e:
+            part.unlink(missing_ok=True)  # start over: resuming a bad file cannot fix it
+            last_error = f"the downloaded file is corrupt ({e.__cause__ or e})"
+        except (OSError, ConnectionError, TimeoutError) as e:  # URLError, resets, timeouts: resume next try
+            last_error = f"{type(e).__name__}: {e}"
+        log(f"{dest.name}: try {attempt + 1} of {retries + 1} failed: {last_error}")
+    raise ConnectionError(f"Could not download {dest.name} from {url} after {retries + 1} tries (last: {last_error}); "
+                          "run the command again to resume.")
+
+# %% ../nbs/02_dataset.ipynb #ea4d0763
+def default_shard_folder() -> Path:
+    "Where downloads go by default: the data folder's `pretrain/` (where training reads shards from)."
+    return default_data_dir() / "pretrain"
+
+
+def _complete(path: Path, full: bool, log=print) -> bool:
+    "Whether `path` is a good shard (a bad one is reported through `log`)."
+    if not path.exists():
+        return False
+    try:
+        verify_shard(path, full)
+        return True
+    except CorruptShardError as e:
+        log(f"{path.name} is corrupt and will be fetched again: {e.__cause__ or e}")
+        return False
+
+
+def download_shards(num_shards: int, folder: str | Path | None = None, source: str = "climbmix",
+                    base_url: str | None = None, total_shards: int | None = None, workers: int = 8,
+                    retries: int = 5, backoff: float = 1.0, timeout: float = 60, full_check: bool = False,
+                    progress: bool = True, log=print) -> list[Path]:
+    "Make sure `folder` holds the `num_shards` shards of a source (see `shard_indices`); return the folder's shards."
+    folder = Path(folder) if folder is not None else default_shard_folder()
+    total = total_shards or SHARD_SOURCES.get(source, (None, None))[1]
+    if total is None:
+        raise ValueError(f"Unknown shard source {source!r}: use one of {', '.join(SHARD_SOURCES)}, or give total_shards.")
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = [folder / shard_name(i) for i in shard_indices(num_shards, total)]
+    todo = [(i, p) for i, p in zip(shard_indices(num_shards, total), wanted) if not _complete(p, full_check, log)]
+    if todo and not os.access(folder, os.W_OK):
+        raise PermissionError(f"Shard folder {folder} is not writable and lacks {len(todo)} shard(s): pass --folder.")
+    log(f"{len(wanted) - len(todo)} of {len(wanted)} shards already in {folder}; fetching {len(todo)}.")
+    failures = {}
+    with tqdm(total=None, unit="B", unit_scale=True, desc="shards", disable=not progress or not todo) as bar, \
+            ThreadPoolExecutor(max(1, min(workers, len(todo) or 1))) as pool:
+        jobs = {pool.submit(download_shard, shard_url(i, source, base_url), path, retries, backoff, timeout,
+                            full_check, bar.update, tqdm.write if progress else log): path for i, path in todo}
+        for job in as_completed(jobs):
+            try:
+                job.result()
+                bar.set_postfix_str(f"{len(jobs) - len(failures)} ok", refresh=False)
+            except Exception as e:  # noqa: BLE001  (report every shard's failure, then raise once)
+                failures[jobs[job].name] = e
+    if failures:
+        details = "; ".join(f"{name}: {e}" for name, e in sorted(failures.items()))
+        raise ConnectionError(f"{len(failures)} of {len(todo)} shard downloads failed: {details}")
+    return list_shards(folder)
+
+# %% ../nbs/02_dataset.ipynb #dbec1d98
+def ensure_shards(num_shards: int, folder: str | Path | None = None, **download_options) -> list[Path]:
+    "The shards of `folder`, downloading first if it holds fewer than `num_shards` (-1: all of the source)."
+    folder = Path(folder) if folder is not None else default_shard_folder()
+    local = _shard_paths(folder) if folder.is_dir() else []
+    if num_shards != -1 and len(local) >= max(num_shards, 2):
+        verify_shards(local)
+        return local
+    shards = download_shards(num_shards, folder, **download_options)
+    verify_shards(shards)
+    return shards
+
+# %% ../nbs/02_dataset.ipynb #7820993d
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanochat-data", description="Download or check pretraining shards.")
+    parser.add_argument("command", choices=["download", "check"], help="download shards, or verify the local ones")
+    parser.add_argument("--preset", help="take defaults (num-shards) from a preset of settings.ini")
+    parser.add_argument("-n", "--num-shards", type=int, default=8, help="shards in all, validation included (-1: all)")
+    parser.add_argument("--source", default="climbmix", choices=sorted(SHARD_SOURCES), help="hosted shard set")
+    parser.add_argument("--base-url", default=None, help="mirror URL (folder or {index:05d} template); env NANOCHAT_SHARD_URL")
+    parser.add_argument("--total-shards", type=int, default=None, help="how many shards the source has (default: the source's)")
+    parser.add_argument("--folder", default=None, help="shard folder (default: $NANOCHAT_DATA/pretrain)")
+    parser.add_argument("--workers", type=int, default=8, help="parallel downloads")
+    parser.add_argument("--retries", type=int, default=5, help="tries per shard after the first")
+    parser.add_argument("--full", action="store_true", help="decode every row group when checking shards")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv=None):
+    "`nanochat-data download|check`: fetch shards into the shard folder, or verify the ones there."
+    args = parse_args_with_preset(build_parser(), argv)
+    folder = Path(args.folder) if args.folder else default_shard_folder()
+    try:
+        if args.command == "download":
+            shards = download_shards(args.num_shards, folder, args.source, args.base_url, args.total_shards,
+                                     args.workers, args.retries, full_check=args.full, progress=not args.no_progress)
+        else:
+            shards = list_shards(folder)
+            verify_shards(shards, full=args.full)
+    except (OSError, ValueError) as e:
+        sys.exit(f"nanochat-data: {e}")
+    print(f"{folder}: {len(shards)} good shards ({shards[0].name} ... {shards[-1].name}); "
+          f"train = {len(shards) - 1}, val = {shards[-1].name}")
+    return shards
+
+# %% ../nbs/02_dataset.ipynb #236b0704
+if __name__ == "__main__" and "__file__" in globals():  # `python -m nanochat_nb.dataset`, not the notebook
+    main()
