@@ -322,7 +322,9 @@ def download_shards(num_shards: int, folder: str | Path | None = None, source: s
                 failures[jobs[job].name] = e
     if failures:
         details = "; ".join(f"{name}: {e}" for name, e in sorted(failures.items()))
-        raise ConnectionError(f"{len(failures)} of {len(todo)} shard downloads failed: {details}")
+        not_found = all(isinstance(e, ShardNotFoundError) for e in failures.values())
+        raise (ShardNotFoundError if not_found else ConnectionError)(
+            f"{len(failures)} of {len(todo)} shard downloads failed: {details}")
     return list_shards(folder)
 
 # %% ../nbs/02_dataset.ipynb #dbec1d98
