@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from fastcore.basics import IN_NOTEBOOK
 
 from .common import (autodetect_device_type, cleanup_distributed, default_data_dir,
                                 hardware_summary, init_distributed, nanochat_home, parse_args_with_preset, print0)
@@ -645,5 +644,5 @@ def main(argv=None) -> dict | None:
         cleanup_distributed()
 
 # %% ../nbs/07_eval.ipynb #3515c899
-if __name__ == "__main__" and not IN_NOTEBOOK:
+if __name__ == "__main__" and "__file__" in globals():  # `python -m nanochat_nb.core_eval`, not the notebook
     main()
