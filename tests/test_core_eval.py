@@ -1,0 +1,219 @@
+"""Chapter 7: bits per byte and CORE, on the real eval bundle and real text."""
+import http.server
+import json
+import math
+import shutil
+import threading
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from nanochat_nb.core_eval import (EVAL_BUNDLE_URL, centered_accuracy, core_metric, download_eval_bundle,
+                                   load_core_tasks, load_task_data, read_reference_results, render_prompts,
+                                   sample_fewshot, shuffled_items)
+
+
+@pytest.fixture(scope="module")
+def bundle(data_root) -> Path:
+    return data_root / "eval_bundle"
+
+
+@pytest.fixture(scope="module")
+def tasks(bundle):
+    return {task.label: task for task in load_core_tasks(bundle)}
+
+
+def first_prompts(task, cap=16, idx=0):
+    items = shuffled_items(load_task_data(task.path, task.task_type), cap)
+    return render_prompts(task.task_type, items[idx], sample_fewshot(items, idx, task.num_fewshot), task.delimiter)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the bundle
+
+def test_bundle_has_22_tasks_18_with_data(tasks):
+    assert len(tasks) == 22
+    assert sorted(label for label, t in tasks.items() if not t.available) == [
+        "coqa", "hellaswag", "hellaswag_zeroshot", "squad"]
+    assert tasks["arc_easy"].delimiter == "\nAnswer: " and tasks["copa"].delimiter == " "
+    assert tasks["arc_easy"].baseline == 0.25 and tasks["jeopardy"].baseline == 0.0
+    assert (tasks["agi_eval_lsat_ar"].num_fewshot, tasks["winograd"].task_type) == (3, "schema")
+
+
+def test_missing_bundle_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*--download-bundle"):
+        load_core_tasks(tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no core.yaml"):
+        load_core_tasks(tmp_path / "half")
+
+
+def test_malformed_line_names_file_and_line(tmp_path, tasks):
+    lines = tasks["copa"].path.read_text().splitlines()
+    lines[6] = lines[6][:-3]  # cut off the closing of line 7
+    broken = tmp_path / "copa.jsonl"
+    broken.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"copa.jsonl, line 7: not valid JSON"):
+        load_task_data(broken, "multiple_choice")
+    lines[6] = json.dumps({"query": "no choices here", "gold": 0})
+    broken.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"line 7: a multiple_choice item needs choices"):
+        load_task_data(broken, "multiple_choice")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shuffling, few-shot sampling, prompts (hand-checked against the real items)
+
+def test_shuffle_then_cap_and_fewshot_from_the_other_items(tasks):
+    task = tasks["arc_easy"]
+    everything = load_task_data(task.path, task.task_type)
+    capped = shuffled_items(everything, 16)
+    assert capped == shuffled_items(everything)[:16] and len(shuffled_items(everything, -1)) == 2376
+    for idx in range(16):
+        shots = sample_fewshot(capped, idx, 10)
+        assert len(shots) == 10 and capped[idx] not in shots and all(s in capped for s in shots)
+    few = sample_fewshot(capped[:4], 0, 10)  # a cap below the number of shots: all the other items
+    assert len(few) == 3 and capped[0] not in few and sample_fewshot(capped, 3, 0) == []
+
+
+def test_multiple_choice_prompt_zero_shot(tasks):
+    assert first_prompts(tasks["copa"]) == [
+        "Political violence broke out in the nation, therefore many citizens relocated to the capitol.",
+        "Political violence broke out in the nation, therefore many citizens took refuge in other territories."]
+    assert first_prompts(tasks["openbook_qa"])[2] == \
+        "Mosquitoes enjoy all the people at a BBQ in the summer for what reason? nice weather"
+
+
+def test_multiple_choice_prompt_ten_shot_with_delimiter(tasks):
+    prompts = first_prompts(tasks["arc_easy"])
+    assert len(prompts) == 4
+    assert prompts[3] == (
+        "Question: Gel electrophoresis is a technology which allows researchers to reliably separate and sort DNA "
+        "fragments. This technology is most useful for which application?\nAnswer: genetic engineering\n\n"
+        "Question: Which of these best describes the Moon?\nAnswer: Smaller than Earth\n\n"
+        "Question: A student ties a string around a weight and swings the weight in a circle around her body. If the "
+        "student represents the Sun and the weight represents Earth, what does the string represent?\nAnswer: gravity\n\n"
+        "Question: Which food contains the highest percentage of protein?\nAnswer: chicken\n\n"
+        "Question: What is the primary source of stored thermal energy in oceans?\nAnswer: sunlight\n\n"
+        "Question: When a butterfly emerges from its chrysalis, its wings are crumpled. In order to expand its wings, "
+        "the butterfly hangs upside down, causing fluid to be pumped into the veins of its wings. This pumping most "
+        "likely expands the wings by\nAnswer: increasing the pressure inside the wings\n\n"
+        "Question: An engineer was given an assignment to build a model rocket. The main requirement was that it had "
+        "to build it out of a metal that could release the energy that built up when reentering the atmosphere of "
+        "Earth. What property should the engineer concentrate on the most when designing the rocket?\n"
+        "Answer: specific heat\n\n"
+        "Question: The Hardy-Weinberg law is only valid when\nAnswer: the population is large.\n\n"
+        "Question: The thin layer of rock on Earth's surface is the\nAnswer: lithosphere\n\n"
+        "Question: What do the elements sulfur (S), nitrogen (N), phosphorus (P), and bromine (Br) have in common?\n"
+        "Answer: They are nonmetals.\n\n"
+        "Question: Charles Darwin made a number of observations and inferences during his travels. He studied island "
+        "finches during a long period of time. Which statement is an inference?\n"
+        "Answer: Island finches share a common ancestry with mainland finch species.")
+    prefix = prompts[3][:prompts[3].rindex("Answer: ") + len("Answer: ")]
+    assert prompts[0] == prefix + "Individual birds have different colored feathers."
+
+
+def test_schema_prompts(tasks):
+    assert first_prompts(tasks["winograd"]) == [
+        "In the storm, the tree fell down and crashed through the roof of my house. Now, I have to get the tree repaired.",
+        "In the storm, the tree fell down and crashed through the roof of my house. Now, I have to get the roof repaired."]
+    assert first_prompts(tasks["winogrande"]) == [
+        "Kyle loved to camp in the wilderness but Justin preferred a nice hotel. Kyle booked a trip to New York City.",
+        "Kyle loved to camp in the wilderness but Justin preferred a nice hotel. Justin booked a trip to New York City."]
+
+
+def test_language_modelling_prompts_ten_shot(tasks):
+    without, full = first_prompts(tasks["bigbench_qa_wikidata"])
+    assert without == (
+        "The native language of Hillary Clinton is English\n\n"
+        "The country of citizenship of Rudolf Clausius is Germany\n\n"
+        "The language used in British Western Pacific Territories is English\n\n"
+        "The language of Jack and the Beanstalk is English\n\n"
+        "The religion of Jimmy Cliff is Islam\n\n"
+        "The honorific prefix of Thomas Beecham is Sir\n\n"
+        "The religion of Bess Myerson is Judaism\n\n"
+        "The country of Nanded is India\n\n"
+        "The country of citizenship of Karunanithi is India\n\n"
+        "Tuesday is followed by Wednesday\n\n"
+        "The country of citizenship of Stephen Spinella is")
+    assert full == without + " Italy"
+    without, full = first_prompts(tasks["lambada_openai"])  # zero-shot; the trailing space is stripped
+    assert without.endswith('"Please don\'t deny it,') and full == without + " Zhang"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# centering and the mean
+
+def test_centering_and_mean_worked_example():
+    assert centered_accuracy(0.25, 0.25) == 0.0 and centered_accuracy(1.0, 0.25) == 1.0
+    assert math.isclose(centered_accuracy(0.5, 0.25), 1 / 3)  # ARC-Easy: chance is 25%
+    assert math.isclose(centered_accuracy(0.4, 0.5), -0.2)  # BoolQ-like: worse than chance
+    assert math.isclose(core_metric({"arc_easy": 1 / 3, "jeopardy": 0.1, "boolq": -0.2}), (1 / 3 + 0.1 - 0.2) / 3)
+
+
+def test_gpt2_reference_core_recomputed_from_its_accuracies(bundle, tasks):
+    refs = read_reference_results(bundle)
+    assert set(refs) == {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+    for name, ref in refs.items():
+        centered = {label: centered_accuracy(r["accuracy"], tasks[label].baseline) for label, r in ref["tasks"].items()}
+        assert len(centered) == 22
+        assert all(abs(centered[k] - ref["tasks"][k]["centered"]) < 1e-5 for k in centered), name
+        assert abs(core_metric(centered) - ref["core"]) < 1e-5, name
+    assert refs["gpt2"]["core"] == 0.113891 and refs["gpt2-xl"]["core"] == 0.256525
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# downloading the bundle (from a local HTTP server)
+
+class _Server:
+    def __init__(self, folder: Path):
+        handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(folder), **kw)
+        handler.log_message = lambda *a: None
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.requests = 0
+        original = self.httpd.finish_request
+
+        def counting(*args):
+            self.requests += 1
+            original(*args)
+        self.httpd.finish_request = counting
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_download_bundle_from_local_server(tmp_path, bundle):
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "not_a_zip.zip").write_text("hello")
+    members = ["core.yaml", "eval_meta_data.csv", "eval_data/commonsense_reasoning/copa.jsonl"]
+    with zipfile.ZipFile(served / "eval_bundle.zip", "w") as zf:  # nanochat's archive has one top folder
+        for member in members:
+            zf.write(bundle / member, f"eval_bundle/{member}")
+    server = _Server(served)
+    try:
+        dest = tmp_path / "data" / "eval_bundle"
+        assert download_eval_bundle(dest, url=f"{server.url}/eval_bundle.zip") == dest
+        for member in members:
+            assert (dest / member).read_bytes() == (bundle / member).read_bytes()
+        assert sum(t.available for t in load_core_tasks(dest)) == 1
+        assert [p.name for p in dest.parent.iterdir()] == ["eval_bundle"]  # no temporary files left
+        before = server.requests
+        download_eval_bundle(dest, url=f"{server.url}/eval_bundle.zip")  # already there: kept, not fetched again
+        assert server.requests == before
+        with pytest.raises(RuntimeError, match="Could not download the eval bundle"):
+            download_eval_bundle(tmp_path / "other", url=f"{server.url}/missing.zip")
+        with pytest.raises(ValueError, match="not a zip archive"):
+            download_eval_bundle(tmp_path / "other", url=f"{server.url}/not_a_zip.zip")
+        assert not (tmp_path / "other").exists()
+        (tmp_path / "occupied").mkdir()
+        with pytest.raises(FileExistsError, match="not an eval bundle"):
+            download_eval_bundle(tmp_path / "occupied", url=f"{server.url}/eval_bundle.zip")
+    finally:
+        server.close()
+    assert EVAL_BUNDLE_URL.endswith("/eval_bundle.zip")
