@@ -37,7 +37,8 @@ __all__ = ['SPLIT_PATTERN', 'SPECIAL_TOKENS', 'RANKS_FILE', 'META_FILE', 'TOKEN_
            'build_encoding', 'BPETokenizer', 'default_tokenizer_dir', 'ranks_to_text', 'read_ranks',
            'ConversationError', 'normalize_conversation', 'Tokenizer', 'load_tokenizer', 'load_token_bytes',
            'mask_to_html', 'reference_dirs', 'find_reference_encodings', 'bytes_per_token', 'train_parser',
-           'train_main', 'eval_parser', 'evaluate_tokenizer', 'format_table', 'eval_main', 'main']
+           'train_tokenizer', 'train_main', 'eval_parser', 'evaluate_tokenizer', 'format_table', 'eval_report',
+           'eval_main', 'main']
 
 # %% ../nbs/01_tokenizer.ipynb #f046005b
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
@@ -615,12 +616,19 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def train_main(argv=None) -> Tokenizer:
-    "`nanochat-tok-train`: train on the training shards, save, print time and compression."
-    args = parse_args_with_preset(train_parser(), argv)
+def _user_errors(run):
+    "Run a CLI body; bad input (missing folders, wrong sizes) ends the program with its one-line message."
+    try:
+        return run()
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {e.args[0] if isinstance(e, KeyError) else e}") from None
+
+
+def train_tokenizer(args: argparse.Namespace) -> Tokenizer:
+    "Train on the training shards as the flags say, save, and print time and compression."
     for flag in ("vocab_size", "max_chars", "doc_cap"):
         if getattr(args, flag) <= 0:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
     output = args.output or default_tokenizer_dir()
     print(f"training a {args.vocab_size:,}-token tokenizer on up to {args.max_chars:,} characters "
           f"(documents cut to {args.doc_cap:,}) -> {output}", flush=True)
@@ -639,6 +647,11 @@ def train_main(argv=None) -> Tokenizer:
           f"{bytes_per_token(tokenizer.encode, val):.3f} bytes/token")
     print(f"saved to {output}")
     return tokenizer
+
+
+def train_main(argv=None) -> Tokenizer:
+    "`nanochat-tok-train`: train on the training shards, save, print time and compression."
+    return _user_errors(lambda: train_tokenizer(parse_args_with_preset(train_parser(), argv)))
 
 # %% ../nbs/01_tokenizer.ipynb #39acd683
 def eval_parser() -> argparse.ArgumentParser:
@@ -676,9 +689,8 @@ def format_table(rows: list[dict], references) -> str:
     return "\n".join(lines)
 
 
-def eval_main(argv=None) -> list[dict]:
-    "`nanochat-tok-eval`: bytes per token on train/val shards and the course's samples, against GPT-2/GPT-4."
-    args = parse_args_with_preset(eval_parser(), argv)
+def eval_report(args: argparse.Namespace) -> list[dict]:
+    "Print our tokenizer's bytes per token on shards and samples, beside GPT-2/GPT-4 when available."
     tokenizer = load_tokenizer(args.tokenizer)
     texts = {split: list(iter_texts(split, folder=args.data_dir, max_chars=args.eval_chars, doc_cap=args.doc_cap))
              for split in ("train", "val")}
@@ -693,6 +705,11 @@ def eval_main(argv=None) -> list[dict]:
     print("bytes per token (higher is better; 'vs' = ours relative to the reference):")
     print(format_table(rows, references))
     return rows
+
+
+def eval_main(argv=None) -> list[dict]:
+    "`nanochat-tok-eval`: bytes per token on train/val shards and the course's samples, against GPT-2/GPT-4."
+    return _user_errors(lambda: eval_report(parse_args_with_preset(eval_parser(), argv)))
 
 
 def main(argv=None):
