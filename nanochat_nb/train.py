@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
+import importlib.util
+import itertools
 import json
 import math
 import os
 import pickle
 import random
 import re
-import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,14 +24,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .common import (compute_dtype, nanochat_home, parse_args_with_preset, print0)
+from fastcore.basics import IN_NOTEBOOK
+from tqdm.auto import tqdm
+
+from .common import (RunLogger, cleanup_distributed, compute_dtype, init_distributed, nanochat_home,
+                                parse_args_with_preset, peak_flops, print0, seed_everything)
+from .dataloader import BestFitLoader
+from .gpt import GPT, GPTConfig, load_model_state
+from .optim import setup_optimizer
+from .tokenizer import load_token_bytes, load_tokenizer
 
 # %% auto #0
 __all__ = ['REF_DEPTH', 'REF_BATCH', 'BATCH_EXPONENT', 'MOMENTUM_WARMUP_STEPS', 'BASE_LRS', 'WIDTH_SCALED', 'BATCH_UNSCALED',
-           'CHECKPOINT_FILE', 'model_shape', 'value_embedding_layers', 'scaling_params', 'window_sizes',
-           'flops_per_token', 'PlanError', 'TrainPlan', 'auto_batch_size', 'scaled_lrs', 'derive_plan',
-           'checkpoint_steps', 'save_checkpoint', 'load_checkpoint', 'rng_state', 'set_rng_state', 'CheckpointMismatch',
-           'check_compatible']
+           'CHECKPOINT_FILE', 'SAMPLE_PROMPTS', 'ASSUMED_MFU', 'USER_ERRORS', 'model_shape', 'value_embedding_layers',
+           'scaling_params', 'window_sizes', 'flops_per_token', 'PlanError', 'TrainPlan', 'auto_batch_size',
+           'scaled_lrs', 'derive_plan', 'checkpoint_steps', 'save_checkpoint', 'load_checkpoint', 'rng_state',
+           'set_rng_state', 'CheckpointMismatch', 'check_compatible', 'build_parser', 'plan_from_args', 'describe_plan',
+           'ResumableBatches', 'TrainingDiverged', 'LoopState', 'default_run_dir', 'build_model', 'use_compile',
+           'evaluate_val', 'Progress', 'Trainer', 'measure_step_seconds', 'dry_run', 'train', 'main']
 
 # %% ../nbs/06_train.ipynb #05037136
 def model_shape(depth: int, aspect_ratio: int = 64, head_dim: int = 128) -> tuple[int, int]:
@@ -340,3 +351,501 @@ def check_compatible(meta: dict, model_config: dict, world_size: int, folder: Pa
     if meta.get("world_size", 1) != world_size:
         raise CheckpointMismatch(f"The checkpoint in {folder} was written by {meta.get('world_size')} process(es); "
                                  f"this run has {world_size}: resume with the same --nproc_per_node.")
+
+# %% ../nbs/06_train.ipynb #76958919
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nanochat-base-train", description="Pretrain a base model; every "
+                                "hyperparameter not given is derived from --depth.")
+    p.add_argument("--preset", help="take defaults from this section of settings.ini (tiny, cpu, gpu1, speedrun)")
+    model = p.add_argument_group("model")
+    model.add_argument("--depth", type=int, default=20, help="number of Transformer layers: the one dial")
+    model.add_argument("--aspect-ratio", type=int, default=64, help="model width = depth * aspect ratio (rounded up to heads)")
+    model.add_argument("--head-dim", type=int, default=128, help="attention head width")
+    model.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
+    model.add_argument("--window-pattern", default="SSSL", help="attention windows tiled over layers (S short, L long)")
+    horizon = p.add_argument_group("horizon (the first one given wins)")
+    horizon.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: derive)")
+    horizon.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1: off)")
+    horizon.add_argument("--target-param-data-ratio", type=float, default=12, help="training tokens per scaling parameter")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass per process")
+    opt.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: derive)")
+    for name, lr in BASE_LRS.items():
+        opt.add_argument(f"--{name.replace('_', '-')}-lr", type=float, default=lr, help=f"peak lr of the {name} group at the reference batch")
+    opt.add_argument("--weight-decay", type=float, default=0.28, help="Muon weight decay at the reference size")
+    opt.add_argument("--warmup-steps", type=int, default=40)
+    opt.add_argument("--warmdown-ratio", type=float, default=0.65)
+    opt.add_argument("--final-lr-frac", type=float, default=0.05)
+    ev = p.add_argument_group("evaluation and output")
+    ev.add_argument("--eval-every", type=int, default=250, help="validation bits per byte every N steps (-1: off)")
+    ev.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
+    ev.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1: off)")
+    ev.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
+    ev.add_argument("--log-every", type=int, default=0, help="print a progress line every N steps (0: about 20 a run)")
+    ev.add_argument("--run-dir", help="checkpoint folder (default: <home>/base_checkpoints/d<depth>)")
+    ev.add_argument("--tokenizer-dir", help="tokenizer folder (default: <home>/tokenizer)")
+    run = p.add_argument_group("runtime")
+    run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    run.add_argument("--resume-step", type=int, default=-1, help="with --resume: continue from this step instead")
+    run.add_argument("--dry-run", action="store_true", help="print the plan and the estimated time, then stop")
+    run.add_argument("--device-type", default="", help="cuda, mps or cpu (default: the best available)")
+    run.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the model")
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--emulate-ranks", type=int, default=1, help="read the data of N ranks in one process, to "
+                     "reproduce an N-process run with N times the gradient accumulation")
+    return p
+
+
+def plan_from_args(args: argparse.Namespace, vocab_size: int, world_size: int) -> TrainPlan:
+    "The plan for these command-line arguments."
+    return derive_plan(
+        args.depth, vocab_size, max_seq_len=args.max_seq_len, window_pattern=args.window_pattern,
+        head_dim=args.head_dim, aspect_ratio=args.aspect_ratio, target_param_data_ratio=args.target_param_data_ratio,
+        target_flops=args.target_flops, num_iterations=args.num_iterations, total_batch_size=args.total_batch_size,
+        device_batch_size=args.device_batch_size, world_size=world_size, weight_decay=args.weight_decay,
+        base_lrs={name: getattr(args, f"{name}_lr") for name in BASE_LRS}, warmup_steps=args.warmup_steps,
+        warmdown_ratio=args.warmdown_ratio, final_lr_frac=args.final_lr_frac, emulated_ranks=args.emulate_ranks)
+
+
+def describe_plan(plan: TrainPlan) -> str:
+    "The plan as a readable block of text."
+    lines = [
+        f"model        depth {plan.depth}, width {plan.n_embd}, {plan.n_head} heads of {plan.head_dim}, "
+        f"vocab {plan.vocab_size:,}, context {plan.max_seq_len:,}, windows {plan.window_pattern}",
+        f"parameters   {plan.num_scaling_params:,} scaling (matrices + lm_head); "
+        f"{plan.flops_per_token:.4g} FLOPs/token",
+        f"horizon      {plan.num_iterations:,} steps (from {plan.horizon}) x {plan.total_batch_size:,} tokens "
+        f"{'(auto)' if plan.auto_batch else '(given)'} = {plan.total_tokens:,} tokens, "
+        f"{plan.total_tokens / plan.num_scaling_params:.2f} tokens/param, {plan.total_flops:.3g} FLOPs",
+        f"batch        {plan.device_batch_size} x {plan.max_seq_len} tokens x {plan.world_size} process(es) "
+        f"x {plan.grad_accum_steps} accumulation steps",
+        f"lr scale     {plan.lr_scale:.4f} (sqrt(B/{REF_BATCH:,}))",
+        "peak lrs     " + ", ".join(f"{k} {v:.4g}" for k, v in plan.lrs.items()),
+        f"weight decay Muon {plan.weight_decay:.4g}, cosine to 0",
+        f"schedule     warm-up {plan.warmup_steps} steps, warm-down {plan.warmdown_steps} steps to "
+        f"{plan.final_lr_frac}x; Muon momentum 0.85->0.97 over {MOMENTUM_WARMUP_STEPS} steps, ->0.90 in warm-down",
+    ]
+    return "\n".join(lines)
+
+# %% ../nbs/06_train.ipynb #460fc781
+class ResumableBatches:
+    "Micro-batches from one or more data streams, taken in turn, with the position of the pending batch."
+
+    def __init__(self, loaders: list):
+        self.loaders = list(loaders)
+        self.iterators = [iter(loader) for loader in self.loaders]
+        self.turn = 0
+        self._position = self._current_position()
+
+    def _current_position(self) -> dict:
+        return {"turn": self.turn, "streams": [loader.state_dict() for loader in self.loaders]}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        "The next (inputs, targets); afterwards `state_dict()` is the position just before it."
+        self._position = self._current_position()
+        batch = next(self.iterators[self.turn])
+        self.turn = (self.turn + 1) % len(self.loaders)
+        return batch
+
+    def state_dict(self) -> dict:
+        "Restoring this position makes the batch last returned by `next` the next one again."
+        return self._position
+
+    def load_state_dict(self, state: dict):
+        for loader, stream in zip(self.loaders, state["streams"], strict=True):
+            loader.load_state_dict(stream)
+        self.iterators = [iter(loader) for loader in self.loaders]
+        self.turn = state["turn"]
+        self._position = self._current_position()
+
+# %% ../nbs/06_train.ipynb #97772cc0
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
+
+
+class TrainingDiverged(RuntimeError):
+    "The loss stopped being finite."
+
+
+@dataclass
+class LoopState:
+    "The training loop's own counters: saved in every checkpoint, restored on resume."
+    step: int = 0
+    smooth_loss: float = 0.0
+    train_seconds: float = 0.0
+    timed_steps: int = 0
+    val_bpb: float | None = None
+    min_val_bpb: float = float("inf")
+
+
+def default_run_dir(depth: int) -> Path:
+    return nanochat_home() / "base_checkpoints" / f"d{depth}"
+
+
+def _all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        value = value / world_size
+    return value
+
+
+def _gather(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+# %% ../nbs/06_train.ipynb #fa264288
+def build_model(plan: TrainPlan, device: torch.device, seed: int = 42) -> GPT:
+    "The plan's GPT with freshly initialised fp32 weights on `device`."
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**plan.model_config()))
+    model.to_empty(device=device)
+    seed_everything(seed)
+    model.init_weights()
+    return model
+
+
+def use_compile(choice: str, device: torch.device) -> bool:
+    "Whether to torch.compile: `on`, `off`, or `auto` (on for CUDA, where it always pays)."
+    return choice == "on" or (choice == "auto" and device.type == "cuda")
+
+
+def _synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def evaluate_val(model, batches, token_bytes: torch.Tensor, world_size: int) -> tuple[str, float]:
+    "('val_bpb', bits per byte) with the eval chapter's `evaluate_bpb`, else ('val_loss', mean loss)."
+    if importlib.util.find_spec("nanochat_nb.core_eval") is not None:
+        from nanochat_nb.core_eval import evaluate_bpb
+        return "val_bpb", evaluate_bpb(model, batches, token_bytes)
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for inputs, targets in batches:
+        total += model(inputs, targets).double().cpu()
+        count += 1
+    total = _all_reduce_mean(total.to(token_bytes.device), world_size)
+    return "val_loss", total.item() / max(count, 1)
+
+
+def _write(progress, text: str):
+    if progress is not None:
+        progress.write(text)
+    else:
+        print0(text)
+
+
+class Progress:
+    "A tqdm bar (terminal, notebook) or a plain line every `every` steps (logs, pipes); rank 0 only."
+
+    def __init__(self, total: int, initial: int, every: int, enabled: bool = True):
+        self.enabled, self.total = enabled, total
+        self.every = every if every > 0 else max(1, total // 20)
+        interactive = IN_NOTEBOOK or sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True) if enabled and interactive else None
+
+    def update(self, step: int, record: dict):
+        if not self.enabled:
+            return
+        summary = f"loss {record['smooth_loss']:.4f} | {record['tok_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%"
+        if self.bar is not None:
+            self.bar.set_postfix_str(summary, refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif step % self.every == 0 or step == self.total:
+            eta = f" | eta {record['eta_s'] / 60:.1f} min" if "eta_s" in record else ""
+            print(f"step {step:05d}/{self.total:05d} | {summary} | lrm {record['lrm']:.3f}{eta}", flush=True)
+
+    def write(self, text: str):
+        if not self.enabled:
+            return
+        (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+# %% ../nbs/06_train.ipynb #e32bb15d
+class Trainer:
+    "One base-training run: `Trainer(args)` checks and plans, `setup()` builds, `run()` trains."
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.tokenizer = load_tokenizer(args.tokenizer_dir)   # a missing tokenizer fails here, before any work
+        self.dist = init_distributed(args.device_type or None)
+        self.device = self.dist.device
+        self.dtype = compute_dtype(self.device.type)
+        self.plan = plan_from_args(args, self.tokenizer.vocab_size, self.dist.world_size)
+        self.run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.depth)
+        self.state = LoopState()
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def setup(self):
+        "Check the run folder, build model, optimizer and data, restore a checkpoint if resuming."
+        self._check_run_dir()
+        self.model = build_model(self.plan, self.device, self.args.seed)
+        self.optimizer = setup_optimizer(
+            self.model, **{f"{name}_lr": getattr(self.args, f"{name}_lr") for name in BASE_LRS},
+            weight_decay=self.plan.weight_decay, lr_scale=self.plan.lr_scale, world_size=self.dist.world_size)
+        emulated, world = self.args.emulate_ranks, self.dist.world_size
+        self.batches = ResumableBatches([
+            BestFitLoader(self.tokenizer, self.plan.device_batch_size, self.plan.max_seq_len, split="train",
+                          device=self.device, rank=self.dist.rank + world * k, world_size=world * emulated)
+            for k in range(emulated)])
+        self.resumed_at = self._restore() if self.args.resume else None
+        self.step_model = self.model
+        if use_compile(self.args.compile, self.device):
+            self.step_model = torch.compile(self.model, dynamic=False)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        self.logger = RunLogger(self.run_dir / "log.jsonl", echo=False)
+        self.peak_flops = peak_flops(self.device, self.dtype) * self.dist.world_size
+        self.token_bytes = load_token_bytes(self.args.tokenizer_dir).to(self.device)
+        if self.dist.is_main:
+            (self.run_dir / "plan.json").write_text(json.dumps(asdict(self.plan), indent=2))
+            self.tokenizer.save(self.run_dir / "tokenizer")
+        return self
+
+    def _check_run_dir(self):
+        steps = checkpoint_steps(self.run_dir)
+        if self.args.resume and not steps:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir}; start without --resume, or point --run-dir at the run.")
+        if not self.args.resume and steps:
+            raise FileExistsError(f"{self.run_dir} already holds checkpoints (latest step {steps[-1]}): pass --resume "
+                                  "to continue that run, or --run-dir for a new one (nothing was overwritten).")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = self.run_dir / "log.jsonl"
+        if not self.args.resume and log.exists() and self.dist.is_main:  # a run that died before its first checkpoint
+            log.rename(log.with_name(f"log.{int(log.stat().st_mtime)}.jsonl"))
+
+    def _restore(self) -> int:
+        step = self.args.resume_step if self.args.resume_step >= 0 else None
+        model_state, optim_state, meta = load_checkpoint(self.run_dir, step, self.device, self.dist.rank)
+        check_compatible(meta, self.plan.model_config(), self.dist.world_size, self.run_dir)
+        if meta.get("emulate_ranks", 1) != self.args.emulate_ranks:
+            raise CheckpointMismatch(f"The checkpoint in {self.run_dir} was trained with --emulate-ranks "
+                                     f"{meta.get('emulate_ranks', 1)}: resume with the same.")
+        load_model_state(self.model, model_state)
+        self.optimizer.load_state_dict(optim_state)
+        self.batches.load_state_dict(meta["batch_positions"][self.dist.rank])
+        set_rng_state(meta["rng_states"][self.dist.rank])
+        self.state = LoopState(**meta["loop_state"])
+        print0(f"resumed from step {self.state.step} of {self.run_dir}")
+        return self.state.step
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        "Train to the end of the plan; returns a summary. Raises `TrainingDiverged` if the loss stops being finite."
+        args, plan, state = self.args, self.plan, self.state
+        progress = Progress(plan.num_iterations, state.step, args.log_every, self.dist.is_main)
+        inputs, targets = next(self.batches)
+        self.first_step = state.step
+        try:
+            while True:
+                last = state.step == plan.num_iterations
+                if args.eval_every > 0 and (last or state.step % args.eval_every == 0):
+                    self.evaluate(progress)
+                if args.sample_every > 0 and (last or (state.step > 0 and state.step % args.sample_every == 0)):
+                    self.sample(progress)
+                if last or (args.save_every > 0 and state.step % args.save_every == 0
+                            and state.step not in (0, self.resumed_at)):
+                    self.save()
+                if last:
+                    break
+                inputs, targets, record = self.train_step(inputs, targets)
+                progress.update(state.step, record)
+        finally:
+            progress.close()
+        return {"run_dir": str(self.run_dir), "step": state.step, "val_bpb": state.val_bpb,
+                "min_val_bpb": state.min_val_bpb, "train_seconds": state.train_seconds}
+
+    def _set_schedules(self, step: int) -> float:
+        lrm = self.plan.lr_multiplier(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = self.plan.muon_momentum(step)
+                group["weight_decay"] = self.plan.muon_weight_decay(step)
+        return lrm
+
+    def train_step(self, inputs, targets):
+        "One optimizer step over `grad_accum_steps` micro-batches; returns the next batch and the step's metrics."
+        plan, state = self.plan, self.state
+        accum = plan.grad_accum_steps
+        _synchronize(self.device)
+        start = time.perf_counter()
+        lrm = self._set_schedules(state.step)
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            loss = self.step_model(inputs, targets)
+            loss_sum += loss.detach()
+            loss = loss / accum   # .backward() adds up gradients: average them over the micro-steps
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            inputs, targets = next(self.batches)   # fetched while the GPU still works on the backward pass
+        loss = _all_reduce_mean(loss_sum / accum, self.dist.world_size).item()
+        if not math.isfinite(loss):
+            raise TrainingDiverged(self._diverged_message(loss))
+        self._optimizer_step()
+        self.model.zero_grad(set_to_none=True)
+        _synchronize(self.device)
+        seconds = time.perf_counter() - start
+        return inputs, targets, self._record(loss, lrm, seconds)
+
+    def _optimizer_step(self):
+        if self.scaler is None:
+            self.optimizer.step()
+            return
+        self.scaler.unscale_(self.optimizer)
+        if self.dist.is_distributed:  # every process must agree on skipping a step with inf/nan gradients
+            for found_inf in self.scaler._found_inf_per_device(self.optimizer).values():
+                dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def _diverged_message(self, loss: float) -> str:
+        saved = checkpoint_steps(self.run_dir)
+        kept = f"the last good checkpoint is step {saved[-1]} in {self.run_dir}" if saved else "no checkpoint was written"
+        return (f"The training loss became {loss} at step {self.state.step + 1}; training stopped and {kept}. "
+                "Lower the learning rates (e.g. --matrix-lr, --embedding-lr) or use a smaller --total-batch-size.")
+
+    def _record(self, loss: float, lrm: float, seconds: float) -> dict:
+        plan, state = self.plan, self.state
+        state.step += 1
+        if state.step > self.first_step + 1:  # the first step of a process includes compilation and warm-up
+            state.train_seconds += seconds
+            state.timed_steps += 1
+        beta = 0.9
+        state.smooth_loss = beta * state.smooth_loss + (1 - beta) * loss
+        tokens = state.step * plan.total_batch_size
+        record = dict(loss=loss, smooth_loss=state.smooth_loss / (1 - beta**state.step), lrm=lrm, seconds=seconds,
+                      tok_per_s=plan.total_batch_size / seconds, tokens=tokens, flops=plan.flops_per_token * tokens,
+                      mfu=plan.flops_per_token * plan.total_batch_size / seconds / self.peak_flops)
+        if state.timed_steps:
+            record["eta_s"] = state.train_seconds / state.timed_steps * (plan.num_iterations - state.step)
+        self.logger.log(state.step, **record)
+        return record
+
+    # ---- evaluation, samples, checkpoints ---------------------------------------------------------------
+    def evaluate(self, progress=None):
+        "Validation bits per byte (or mean loss, without the eval chapter) on `eval_tokens` tokens."
+        plan, world = self.plan, self.dist.world_size
+        loader = BestFitLoader(self.tokenizer, plan.device_batch_size, plan.max_seq_len, split="val",
+                               device=self.device, rank=self.dist.rank, world_size=world)
+        num_batches = max(1, self.args.eval_tokens // (plan.device_batch_size * plan.max_seq_len * world))
+        batches = itertools.islice(iter(loader), num_batches)
+        self.model.eval()
+        with torch.no_grad():
+            name, value = evaluate_val(self.step_model, batches, self.token_bytes, world)
+        self.model.train()
+        state = self.state
+        state.val_bpb = value
+        state.min_val_bpb = min(state.min_val_bpb, value)
+        tokens = state.step * plan.total_batch_size
+        self.logger.log(state.step, **{name: value, "tokens": tokens, "flops": plan.flops_per_token * tokens})
+        _write(progress, f"step {state.step:05d} | {name} {value:.4f}")
+
+    def sample(self, progress=None):
+        "Greedy continuations of a few fixed prompts (rank 0)."
+        if not self.dist.is_main:
+            return
+        self.model.eval()
+        samples = {}
+        for prompt in SAMPLE_PROMPTS:
+            ids = self.tokenizer.encode(prompt, prepend="<|bos|>")
+            samples[prompt] = self.tokenizer.decode(list(self.model.generate(ids, max_tokens=16, top_k=1)))
+            _write(progress, f"  {prompt!r} -> {samples[prompt]!r}")
+        self.model.train()
+        self.logger.log(self.state.step, samples=samples)
+
+    def save(self):
+        "A checkpoint of everything the rest of the run depends on (every process takes part)."
+        world, state = self.dist.world_size, self.state
+        positions = _gather(self.batches.state_dict(), world)
+        meta = {"step": state.step, "val_bpb": state.val_bpb, "model_config": self.plan.model_config(),
+                "user_config": vars(self.args), "device_batch_size": self.plan.device_batch_size,
+                "max_seq_len": self.plan.max_seq_len, "total_batch_size": self.plan.total_batch_size,
+                "world_size": world, "emulate_ranks": self.args.emulate_ranks, "plan": asdict(self.plan),
+                "dataloader_state_dict": positions[0]["streams"][0], "loop_state": asdict(state),
+                "batch_positions": positions, "rng_states": _gather(rng_state(), world)}
+        save_checkpoint(self.run_dir, state.step, self.model.state_dict(), self.optimizer.state_dict(), meta,
+                        self.dist.rank)
+
+# %% ../nbs/06_train.ipynb #b471aad8
+ASSUMED_MFU = 0.4
+
+
+def measure_step_seconds(trainer: Trainer, repeats: int = 2) -> float:
+    "Seconds per optimizer step of the planned model, timed on random tokens."
+    plan, args, device = trainer.plan, trainer.args, trainer.device
+    model = build_model(plan, device, args.seed)
+    optimizer = setup_optimizer(model, **{f"{n}_lr": getattr(args, f"{n}_lr") for n in BASE_LRS},
+                                weight_decay=plan.weight_decay, lr_scale=plan.lr_scale, world_size=trainer.dist.world_size)
+    tokens = torch.randint(plan.vocab_size, (plan.device_batch_size, plan.max_seq_len + 1), device=device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        _synchronize(device)
+        return (time.perf_counter() - start) / repeats
+
+    micro = timed(lambda: model(inputs, targets).backward())
+    trainer.optimizer = optimizer
+    trainer._set_schedules(0)
+    update = timed(optimizer.step)
+    return plan.grad_accum_steps * micro + update
+
+
+def dry_run(trainer: Trainer) -> dict:
+    "The plan's estimated time, measured where that is quick, else at an assumed MFU."
+    plan = trainer.plan
+    peak = peak_flops(trainer.device, trainer.dtype) * trainer.dist.world_size
+    micro_flops = plan.flops_per_token * plan.device_batch_size * plan.max_seq_len
+    if micro_flops / (peak / trainer.dist.world_size) < 5:  # a micro-step takes at most seconds: time it
+        step_seconds = measure_step_seconds(trainer)
+        how = f"measured {step_seconds:.3g} s/step without torch.compile"
+    else:
+        step_seconds = plan.flops_per_token * plan.total_batch_size / (peak * ASSUMED_MFU)
+        how = f"assuming {ASSUMED_MFU:.0%} MFU of {peak:.3g} FLOP/s"
+    estimate = step_seconds * plan.num_iterations
+    mfu = plan.flops_per_token * plan.total_batch_size / step_seconds / peak
+    print0(f"estimate     {estimate / 60:.1f} min for {plan.num_iterations:,} steps ({how}; MFU {mfu:.1%}, "
+           f"{plan.total_batch_size / step_seconds:,.0f} tok/s)")
+    return {"plan": asdict(plan), "step_seconds": step_seconds, "estimated_seconds": estimate}
+
+# %% ../nbs/06_train.ipynb #a4469534
+def train(args: argparse.Namespace) -> dict:
+    "Plan, then train (or with `--dry-run` only estimate); returns a summary of the run."
+    trainer = Trainer(args)
+    print0(f"device {trainer.device} x {trainer.dist.world_size}, compute dtype {str(trainer.dtype).removeprefix('torch.')}")
+    print0(describe_plan(trainer.plan))
+    if args.dry_run:
+        return dry_run(trainer)
+    return trainer.setup().run()
+
+
+USER_ERRORS = (PlanError, CheckpointMismatch, TrainingDiverged, FileNotFoundError, FileExistsError)
+
+
+def main(argv=None):
+    "`nanochat-base-train`: pretrain a base model (also under torchrun)."
+    args = parse_args_with_preset(build_parser(), argv)
+    try:
+        summary = train(args)
+    except USER_ERRORS as error:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        raise SystemExit(f"nanochat-base-train: {error}")
+    cleanup_distributed()
+    print0(f"done: step {summary.get('step')}, run folder {summary.get('run_dir')}")
+
+# %% ../nbs/06_train.ipynb #ec2bd3dc
+if __name__ == "__main__" and not IN_NOTEBOOK:
+    main()
