@@ -598,10 +598,14 @@ def bytes_per_token(encode, texts: list[str]) -> float:
 
 # %% ../nbs/01_tokenizer.ipynb #4d1fe6ff
 def _progress(texts: Iterable[str], total_chars: int | None, enabled: bool = True) -> Iterator[str]:
+    "Yield `texts` with a progress bar in characters; say when reading is done and merging starts."
+    read = 0
     with tqdm(total=total_chars, unit="char", unit_scale=True, desc="reading text", disable=not enabled) as bar:
         for text in texts:
+            read += len(text)
             bar.update(len(text))
             yield text
+    print(f"read {read:,} characters; merging...", flush=True)
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -649,9 +653,9 @@ def train_tokenizer(args: argparse.Namespace) -> Tokenizer:
     return tokenizer
 
 
-def train_main(argv=None) -> Tokenizer:
+def train_main(argv=None):
     "`nanochat-tok-train`: train on the training shards, save, print time and compression."
-    return _user_errors(lambda: train_tokenizer(parse_args_with_preset(train_parser(), argv)))
+    _user_errors(lambda: train_tokenizer(parse_args_with_preset(train_parser(), argv)))
 
 # %% ../nbs/01_tokenizer.ipynb #39acd683
 def eval_parser() -> argparse.ArgumentParser:
@@ -707,9 +711,9 @@ def eval_report(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def eval_main(argv=None) -> list[dict]:
+def eval_main(argv=None):
     "`nanochat-tok-eval`: bytes per token on train/val shards and the course's samples, against GPT-2/GPT-4."
-    return _user_errors(lambda: eval_report(parse_args_with_preset(eval_parser(), argv)))
+    _user_errors(lambda: eval_report(parse_args_with_preset(eval_parser(), argv)))
 
 
 def main(argv=None):
@@ -718,7 +722,7 @@ def main(argv=None):
     commands = {"train": train_main, "eval": eval_main}
     if not argv or argv[0] not in commands:
         raise SystemExit("usage: python -m nanochat_nb.tokenizer {train,eval} [flags]  (--help after the command for its flags)")
-    return commands[argv[0]](argv[1:])
+    commands[argv[0]](argv[1:])
 
 # %% ../nbs/01_tokenizer.ipynb #6cbf6e3c
 if __name__ == "__main__" and "__file__" in globals():  # `python -m nanochat_nb.tokenizer`, not the notebook

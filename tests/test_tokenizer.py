@@ -1,6 +1,8 @@
 """The tokenizer: scratch and fast trainers agree, round trips, special tokens, chat masks, save/load, CLIs."""
 import json
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,9 +245,10 @@ def test_cli_train_and_eval(tmp_path):
     tok = Tokenizer.load(out)
     assert tok.vocab_size == 2048  # from the tiny preset
 
-    done = run_python("-m", "nanochat_nb.tokenizer", "eval", "--tokenizer", str(out), "--eval-chars", "100000",
+    script = Path(sys.executable).parent / "nanochat-tok-eval"  # the console script (exit status 0 on success)
+    done = run_python(str(script), "--tokenizer", str(out), "--eval-chars", "100000",
                       env={"NANOCHAT_TIKTOKEN_DIR": str(tmp_path / "none"), "TIKTOKEN_CACHE_DIR": str(tmp_path / "none")})
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr[-3000:]
     for kind in ["train", "val", *EVAL_SAMPLES]:
         assert kind in done.stdout
     assert "gpt2: not compared" in done.stdout and "gpt4: not compared" in done.stdout
