@@ -275,8 +275,9 @@ class BPETokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str or a list of str, not {type(text).__name__}.")
         if not allowed:
-            try:
-                return self.enc._core_bpe.encode_ordinary(text)  # tiktoken's Rust core: raises on surrogates
+            core = getattr(self.enc, "_core_bpe", self.enc)  # tiktoken's Rust core raises on surrogates; its wrapper
+            try:                                              # would silently replace them
+                return core.encode_ordinary(text)
             except UnicodeEncodeError:
                 pass
         ids = []
