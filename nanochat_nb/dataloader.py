@@ -136,19 +136,24 @@ def produce_batches(tokenizer, shards, batch_size: int, seq_len: int, rank: int,
 _DONE = object()
 
 
+def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
+    "Put `item` when there is room; give up (False) once `stop` is set."
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def _run_producer(batches, out: queue.Queue, stop: threading.Event):
     try:
         for item in batches:
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if stop.is_set():
+            if not _put(out, item, stop):
                 return
     except BaseException as e:  # noqa: BLE001  (handed to the consumer, which raises it)
-        out.put(e)
+        _put(out, e, stop)
 
 
 class BestFitLoader:

@@ -192,7 +192,7 @@ def iter_texts(split: str = "train", folder: str | Path | None = None, max_chars
             remaining -= len(text)
             yield text
 
-# %% ../nbs/02_dataset.ipynb #afecac13
+# %% ../nbs/02_dataset.ipynb #30e84990
 def shard_url(index: int, source: str = "climbmix", base_url: str | None = None) -> str:
     "Where shard `index` is fetched from: `base_url` (or `NANOCHAT_SHARD_URL`) if given, else the source's hub URL."
     base_url = base_url or os.environ.get("NANOCHAT_SHARD_URL")
@@ -211,7 +211,7 @@ def shard_indices(num_shards: int, total_shards: int) -> list[int]:
         raise ValueError(f"Asked for {num_shards} shard(s): at least 2 are needed (training and validation).")
     return [*range(num_shards - 1), total_shards - 1]
 
-# %% ../nbs/02_dataset.ipynb #8de5d183
+# %% ../nbs/02_dataset.ipynb #3c71fca9
 class ShardNotFoundError(FileNotFoundError):
     "The server has no such shard (HTTP 404)."
 
@@ -225,8 +225,13 @@ def _fetch_once(url: str, part: Path, timeout: float, on_bytes) -> None:
         if e.code == 416 and have:  # the range starts at the end: the .part file may already be complete
             return
         raise
-    with response, open(part, "ab" if response.status == 206 else "wb") as out:
-        have = have if response.status == 206 else 0
+    resumed = response.status == 206
+    if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+        response.close()
+        part.unlink()
+        raise ConnectionError(f"the server resumed at the wrong place ({response.headers.get('Content-Range')})")
+    with response, open(part, "ab" if resumed else "wb") as out:
+        have = have if resumed else 0
         length = response.headers.get("Content-Length")
         expected = have + int(length) if length is not None else None
         while chunk := response.read(1 << 20):
@@ -276,7 +281,7 @@ def _download(url, dest: Path, part: Path, retries, backoff, timeout, on_bytes, 
     raise ConnectionError(f"Could not download {dest.name} from {url} after {retries + 1} tries (last: {last_error}); "
                           "run the command again to resume.")
 
-# %% ../nbs/02_dataset.ipynb #ea4d0763
+# %% ../nbs/02_dataset.ipynb #f54f5c98
 def default_shard_folder() -> Path:
     "Where downloads go by default: the data folder's `pretrain/` (where training reads shards from)."
     return default_data_dir() / "pretrain"
@@ -327,7 +332,7 @@ def download_shards(num_shards: int, folder: str | Path | None = None, source: s
             f"{len(failures)} of {len(todo)} shard downloads failed: {details}")
     return list_shards(folder)
 
-# %% ../nbs/02_dataset.ipynb #dbec1d98
+# %% ../nbs/02_dataset.ipynb #4111180b
 def ensure_shards(num_shards: int, folder: str | Path | None = None, **download_options) -> list[Path]:
     "The shards of `folder`, downloading first if it holds fewer than `num_shards` (-1: all of the source)."
     folder = Path(folder) if folder is not None else default_shard_folder()
@@ -339,7 +344,7 @@ def ensure_shards(num_shards: int, folder: str | Path | None = None, **download_
     verify_shards(shards)
     return shards
 
-# %% ../nbs/02_dataset.ipynb #7820993d
+# %% ../nbs/02_dataset.ipynb #236b0704
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanochat-data", description="Download or check pretraining shards.")
     parser.add_argument("command", choices=["download", "check"], help="download shards, or verify the local ones")
@@ -373,6 +378,6 @@ def main(argv=None):
           f"train = {len(shards) - 1}, val = {shards[-1].name}")
     return shards
 
-# %% ../nbs/02_dataset.ipynb #236b0704
+# %% ../nbs/02_dataset.ipynb #af675bb9
 if __name__ == "__main__" and "__file__" in globals():  # `python -m nanochat_nb.dataset`, not the notebook
     main()
