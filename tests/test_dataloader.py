@@ -1,5 +1,6 @@
 """Chapter 3: best-fit packing invariants on real data, ranks, exact resume (with the background thread)."""
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -90,6 +91,17 @@ def test_two_ranks_read_disjoint_documents(tokenizer, shards):
                 assert any(d[:len(piece)] == piece.tolist() for d in own[rank])
                 assert not any(d[:len(piece)] == piece.tolist() for d in own[1 - rank])
         loader.close()
+
+
+def test_batches_are_prepared_ahead_in_the_background(tokenizer, shards):
+    loader = BestFitLoader(tokenizer, 2, 128, shards=shards[-1:], buffer_size=16, prefetch=3)
+    next(loader)
+    deadline = time.time() + 20
+    while loader._queue.qsize() < 3 and time.time() < deadline:  # nobody asks, yet the next batches get ready
+        time.sleep(0.05)
+    assert loader._queue.qsize() == 3 and loader._thread.is_alive()
+    loader.close()
+    assert loader._thread is None
 
 
 @pytest.fixture(scope="module")
