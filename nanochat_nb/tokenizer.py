@@ -11,6 +11,7 @@ import hashlib
 import heapq
 import html
 import json
+import operator
 import os
 import sys
 import tempfile
@@ -254,10 +255,13 @@ class BPETokenizer:
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         "The exact bytes that token ids stand for (special tokens as their names)."
-        ids = list(ids)
-        bad = [i for i in ids if not (isinstance(i, int) and 0 <= i < self.vocab_size)]
-        if bad:
-            raise ValueError(f"Token id {bad[0]!r} is not in this tokenizer's vocabulary (0..{self.vocab_size - 1}).")
+        try:
+            ids = [operator.index(i) for i in ids]  # ints, NumPy ints and integer tensors alike
+        except TypeError:
+            raise TypeError("decode takes a sequence of integer token ids.") from None
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"Token id {bad} is not in this tokenizer's vocabulary (0..{self.vocab_size - 1}).")
         return self.enc.decode_bytes(ids)
 
     def decode(self, ids: Iterable[int], errors: str = "replace") -> str:

@@ -95,6 +95,10 @@ def test_special_tokens_only_when_allowed(tokenizer):
         tokenizer.encode("x", prepend=10**6)
     with pytest.raises(ValueError, match="not in this tokenizer's vocabulary"):
         tokenizer.decode([tokenizer.vocab_size])
+    with pytest.raises(TypeError, match="integer token ids"):
+        tokenizer.decode([1.5])
+    ids = tokenizer.encode("tensors decode too")
+    assert tokenizer.decode(torch.tensor(ids)) == tokenizer.decode(torch.tensor(ids).numpy()) == "tensors decode too"
 
 
 def test_render_conversation_worked_example(tokenizer):
