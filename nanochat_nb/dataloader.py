@@ -133,9 +133,6 @@ def produce_batches(tokenizer, shards, batch_size: int, seq_len: int, rank: int,
         yield batch, _snapshot(reader, packer)
 
 # %% ../nbs/03_dataloader.ipynb #63f6d296
-_DONE = object()
-
-
 def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
     "Put `item` when there is room; give up (False) once `stop` is set."
     while not stop.is_set():
@@ -232,7 +229,7 @@ class BestFitLoader:
     @property
     def stats(self) -> dict:
         "Counts so far (rows, documents, tokens placed and cropped), the cropped fraction and the epoch."
-        counts = dict(self._state["counts"]) if self._state else {}
-        taken = counts.get("tokens", 0) + counts.get("cropped_tokens", 0)
-        return {**counts, "cropped_fraction": counts.get("cropped_tokens", 0) / taken if taken else 0.0,
+        counts = dict(self._state["counts"]) if self._state else dict.fromkeys(BestFitPacker(1).counts, 0)
+        taken = counts["tokens"] + counts["cropped_tokens"]  # tokens: placed in rows of T+1
+        return {**counts, "cropped_fraction": counts["cropped_tokens"] / taken if taken else 0.0,
                 "epoch": self._state["epoch"] if self._state else 0}

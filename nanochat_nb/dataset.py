@@ -242,6 +242,18 @@ def _fetch_once(url: str, part: Path, timeout: float, on_bytes) -> None:
         raise ConnectionError(f"connection closed after {size:,} of {expected:,} bytes")
 
 
+def _complete(path: Path, full: bool, log=print) -> bool:
+    "Whether `path` is a good shard (a bad one is reported through `log`)."
+    if not path.exists():
+        return False
+    try:
+        verify_shard(path, full)
+        return True
+    except CorruptShardError as e:
+        log(f"{path.name} is corrupt and will be fetched again: {e.__cause__ or e}")
+        return False
+
+
 def download_shard(url: str, dest: str | Path, retries: int = 5, backoff: float = 1.0, timeout: float = 60,
                    full_check: bool = False, on_bytes=lambda n: None, log=print) -> Path:
     "Fetch `url` to `dest` via `dest.part` (resuming, retrying with backoff, fully verified); return `dest`."
@@ -285,18 +297,6 @@ def _download(url, dest: Path, part: Path, retries, backoff, timeout, on_bytes, 
 def default_shard_folder() -> Path:
     "Where downloads go by default: the data folder's `pretrain/` (where training reads shards from)."
     return default_data_dir() / "pretrain"
-
-
-def _complete(path: Path, full: bool, log=print) -> bool:
-    "Whether `path` is a good shard (a bad one is reported through `log`)."
-    if not path.exists():
-        return False
-    try:
-        verify_shard(path, full)
-        return True
-    except CorruptShardError as e:
-        log(f"{path.name} is corrupt and will be fetched again: {e.__cause__ or e}")
-        return False
 
 
 def download_shards(num_shards: int, folder: str | Path | None = None, source: str = "climbmix",
