@@ -30,11 +30,11 @@ def tiny_gpt(seed: int = 0):
     torch.manual_seed(seed)
     model = GPT(GPTConfig.from_depth(2, vocab_size=VOCAB, sequence_len=SEQ_LEN, head_dim=32))
     model.init_weights()
-    # nanochat zero-initialises the output projections; give them (and the gates) values so that every
+    # nanochat zero-initialises the output projections and the smear scalar; give them values so that every
     # parameter gets a gradient from the first step
     with torch.no_grad():
         for p in model.parameters():
-            if p.ndim == 2 and p.abs().max() == 0:
+            if p.abs().max() == 0:
                 p.normal_(0, 0.02)
     return model
 
