@@ -84,8 +84,9 @@ def adamw_step_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
     param.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.lerp_(grad.square(), 1 - beta2)
-    denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt() + eps
-    param.sub_(exp_avg / denom * (lr / (1 - beta1 ** step)))
+    update = exp_avg_sq.div(1 - beta2 ** step).sqrt_().add_(eps)  # one temporary, reused: this step is memory-bound
+    update = torch.div(exp_avg, update, out=update).mul_(lr / (1 - beta1 ** step))
+    param.sub_(update)
 
 # %% ../nbs/05_optim.ipynb #6688c045
 ADAMW_DEFAULTS = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
@@ -264,7 +265,7 @@ def describe_param_groups(optimizer: torch.optim.Optimizer) -> str:
                      f"lr {g['lr']:.5f} wd {g['weight_decay']:.3g}")
     return "\n".join(lines)
 
-# %% ../nbs/05_optim.ipynb #02b5a311
+# %% ../nbs/05_optim.ipynb #4d162dff
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)  # torch >= 2.13 names
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 

@@ -3,7 +3,8 @@
     python tests/dist_optim_worker.py OUT                       # one process: the reference
     python -m torch.distributed.run --nproc_per_node=2 tests/dist_optim_worker.py OUT
 
-Every rank trains on its share of the same total batch. Rank 0 writes OUT/params_world{W}.pt after STEPS
+Each step's total batch is split in micro-batches: each rank takes its share of them (one process takes
+them all and accumulates the gradients, as the training loop does). Rank 0 writes OUT/params_world{W}.pt after STEPS
 steps. Then the run is checked for resumption: each rank saves its optimizer shard after SAVE_AT steps, a
 fresh model and optimizer load the checkpoint and take the remaining steps, and rank 0 writes
 OUT/resumed_world{W}.pt (which must equal params_world{W}.pt).
@@ -12,9 +13,9 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from nanochat_nb.common import cleanup_distributed, data_dir, init_distributed
+from nanochat_nb.gpt import GPT, GPTConfig
 from nanochat_nb.optim import setup_optimizer
 
 STEPS, SAVE_AT = 4, 2
@@ -23,10 +24,6 @@ ROWS, PARTS, SEQ_LEN, VOCAB = 8, 2, 64, 256  # total batch: 8 rows of 64 byte-to
 
 def tiny_gpt(seed: int = 0):
     "A depth-2 GPT (width 128, 4 heads of 32) over byte tokens, initialised from `seed`."
-    try:
-        from nanochat_nb.gpt import GPT, GPTConfig
-    except ImportError:  # until the GPT chapter lands: a stand-in with the same parameter names
-        from optim_standin import GPT, GPTConfig
     torch.manual_seed(seed)
     model = GPT(GPTConfig.from_depth(2, vocab_size=VOCAB, sequence_len=SEQ_LEN, head_dim=32))
     model.init_weights()

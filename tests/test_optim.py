@@ -8,19 +8,12 @@ import torch
 from torch import nn
 
 from conftest import REPO, run_python
+from nanochat_nb.gpt import GPT, GPTConfig
 from nanochat_nb.optim import (MuonAdamW, adamw_step_, param_group_name, polar_express, row_equilibrate,
                                setup_optimizer)
 
 sys.path.insert(0, str(REPO / "tests"))
 from dist_optim_worker import tiny_gpt  # noqa: E402
-
-
-def gpt_class():
-    try:
-        from nanochat_nb.gpt import GPT, GPTConfig
-    except ImportError:  # until the GPT chapter lands
-        from optim_standin import GPT, GPTConfig
-    return GPT, GPTConfig
 
 
 @pytest.mark.parametrize("shape", [(64, 256), (256, 64), (300, 200), (200, 300), (96, 1024), (1024, 96), (2, 12)])
@@ -63,7 +56,6 @@ def test_adamw_matches_pytorch():
 
 @pytest.mark.parametrize("depth, lr_scale", [(2, 1.0), (4, 0.125)])
 def test_group_learning_rates_follow_the_spec(depth, lr_scale):
-    GPT, GPTConfig = gpt_class()
     with torch.device("meta"):
         model = GPT(GPTConfig.from_depth(depth, vocab_size=512, sequence_len=64))
     dim = model.transformer.wte.weight.shape[1]
