@@ -67,7 +67,7 @@ def evaluate_bpb(model, batches, token_bytes: torch.Tensor) -> float:
         raise ValueError("evaluate_bpb got no text to score: pass at least one batch with non-special targets.")
     return total_nats.item() / (math.log(2) * total_bytes.item())
 
-# %% ../nbs/07_eval.ipynb #b98ccf2e
+# %% ../nbs/07_eval.ipynb #eb58af2b
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 BUNDLE_FILES = ("core.yaml", "eval_meta_data.csv")
 REQUIRED_FIELDS = {
@@ -110,7 +110,7 @@ def check_bundle_dir(bundle_dir: str | Path | None = None) -> Path:
                                     "fetch a fresh one with `nanochat-base-eval --download-bundle`.")
     return bundle_dir
 
-# %% ../nbs/07_eval.ipynb #d1a47588
+# %% ../nbs/07_eval.ipynb #24498db9
 def read_random_baselines(path: str | Path) -> dict[str, float]:
     "Random-guessing accuracy (0..1) per task label, from `eval_meta_data.csv`."
     with open(path, newline="", encoding="utf-8") as f:
@@ -134,7 +134,7 @@ def load_core_tasks(bundle_dir: str | Path | None = None) -> list[CoreTask]:
                               baselines[label], bundle_dir / "eval_data" / entry["dataset_uri"]))
     return tasks
 
-# %% ../nbs/07_eval.ipynb #2a6ef5a3
+# %% ../nbs/07_eval.ipynb #880a29c0
 def load_task_data(path: str | Path, task_type: str | None = None) -> list[dict]:
     "The items of a task's JSON-lines file (blank lines skipped), checked to parse and to have their fields."
     items, required = [], REQUIRED_FIELDS.get(task_type, ())
@@ -154,7 +154,7 @@ def load_task_data(path: str | Path, task_type: str | None = None) -> list[dict]
             items.append(item)
     return items
 
-# %% ../nbs/07_eval.ipynb #2dbdc47a
+# %% ../nbs/07_eval.ipynb #34bbb42c
 def shuffled_items(items: list[dict], max_per_task: int | None = None) -> list[dict]:
     "The task's items shuffled with `random.Random(1337)`, then the first `max_per_task` (None or <= 0: all)."
     items = list(items)
@@ -170,7 +170,7 @@ def sample_fewshot(items: list[dict], idx: int, num_fewshot: int) -> list[dict]:
     chosen = random.Random(1234 + idx).sample(others, min(num_fewshot, len(others)))
     return [items[i] for i in chosen]
 
-# %% ../nbs/07_eval.ipynb #880a29c0
+# %% ../nbs/07_eval.ipynb #2371b185
 def render_prompts(task_type: str, item: dict, fewshot: list[dict], delimiter: str) -> list[str]:
     """The prompts of one item: one per choice (multiple choice), one per context option (schema), or
     [prompt without, prompt with the continuation] (language modelling)."""
@@ -186,7 +186,7 @@ def render_prompts(task_type: str, item: dict, fewshot: list[dict], delimiter: s
         return [prompt.strip(), prompt + f"{item['continuation']}"]
     raise ValueError(f"Unknown task type {task_type!r}: expected one of {list(REQUIRED_FIELDS)}.")
 
-# %% ../nbs/07_eval.ipynb #2371b185
+# %% ../nbs/07_eval.ipynb #5c6b9770
 @dataclass
 class ScoredItem:
     "The token rows of one item and, per row, the span [start, end) of tokens that are scored."
@@ -223,7 +223,7 @@ def scored_item(task_type: str, rows: list[list[int]], gold: int | None) -> Scor
     without, full = rows
     return ScoredItem([full], [common_prefix_length([without, full])], [len(full)], None)
 
-# %% ../nbs/07_eval.ipynb #7215e8fa
+# %% ../nbs/07_eval.ipynb #8f2932b9
 def crop_left(item: ScoredItem, max_len: int | None) -> ScoredItem:
     "Drop tokens from the left of rows longer than `max_len`, shifting their scored spans with them."
     if not max_len or all(len(row) <= max_len for row in item.rows):
@@ -244,7 +244,7 @@ def verdict(item: ScoredItem, mean_losses: list[float], greedy_hits: list[int]) 
         return greedy_hits[0] == item.ends[0] - item.starts[0]
     return mean_losses.index(min(mean_losses)) == item.gold
 
-# %% ../nbs/07_eval.ipynb #5c6b9770
+# %% ../nbs/07_eval.ipynb #8e7a585e
 def logits_at(model, inputs: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     "The model's logits (N, vocab) at (rows[i], positions[i]); only those positions go through `lm_head`."
     head = getattr(model, "lm_head", None)
@@ -269,7 +269,7 @@ def _length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
         current.append(i)
     return batches + [current] if current else batches
 
-# %% ../nbs/07_eval.ipynb #1076cef3
+# %% ../nbs/07_eval.ipynb #b423f0a0
 @torch.no_grad()
 def score_rows(model, rows: list[list[int]], starts: list[int], ends: list[int], pad_id: int,
                batch_tokens: int = 16384) -> tuple[list[float], list[int]]:
@@ -312,7 +312,7 @@ def evaluate_items(model, items: list[ScoredItem], pad_id: int, batch_tokens: in
         offset += n
     return correct
 
-# %% ../nbs/07_eval.ipynb #8b7fd96f
+# %% ../nbs/07_eval.ipynb #37c08900
 def centered_accuracy(accuracy: float, baseline: float) -> float:
     "Accuracy rescaled so that random guessing (`baseline`, 0..1) scores 0 and a perfect score 1."
     return (accuracy - baseline) / (1.0 - baseline)
@@ -323,7 +323,7 @@ def core_metric(centered: dict[str, float] | list[float]) -> float:
     values = list(centered.values()) if isinstance(centered, dict) else list(centered)
     return sum(values) / len(values)
 
-# %% ../nbs/07_eval.ipynb #37c08900
+# %% ../nbs/07_eval.ipynb #c3e6115a
 def read_reference_results(bundle_dir: str | Path | None = None) -> dict[str, dict]:
     """Published results in the bundle (`openai-community-gpt2*.csv`): {model: {"tasks": {label: {"accuracy",
     "centered"}}, "core": float}}. Empty if there are none."""
@@ -342,7 +342,7 @@ def read_reference_results(bundle_dir: str | Path | None = None) -> dict[str, di
         references[path.stem.removeprefix("openai-community-")] = {"tasks": tasks, "core": core}
     return references
 
-# %% ../nbs/07_eval.ipynb #df08454d
+# %% ../nbs/07_eval.ipynb #d26f1c1a
 def _dist_rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -381,7 +381,7 @@ def evaluate_task(model, tokenizer, task: CoreTask, max_per_task: int | None = N
             "items": len(items), "truncated": int(truncated.item()), "seconds": time.perf_counter() - start,
             "correct": [bool(c) for c in correct.tolist()]}
 
-# %% ../nbs/07_eval.ipynb #b9bbf3f0
+# %% ../nbs/07_eval.ipynb #ff1c18b6
 def model_context_length(model) -> int | None:
     "The longest sequence the model was configured for (`model.config.sequence_len`), if it says."
     return getattr(getattr(model, "config", None), "sequence_len", None)
@@ -416,7 +416,7 @@ def evaluate_core(model, tokenizer, bundle_dir: str | Path | None = None, max_pe
             "skipped": missing, "truncated": sum(r["truncated"] for r in results.values()),
             "max_per_task": max_per_task, "max_seq_len": max_seq_len, "seconds": time.perf_counter() - start}
 
-# %% ../nbs/07_eval.ipynb #d26f1c1a
+# %% ../nbs/07_eval.ipynb #b12e2409
 def format_core_table(result: dict) -> str:
     "The per-task table and the CORE line, as text."
     lines = [f"{'task':34s} {'type':18s} {'accuracy':>9s} {'centered':>9s} {'items':>6s} {'seconds':>8s}"]
@@ -472,7 +472,7 @@ def save_eval_result(result: dict, folder: str | Path, stem: str, references: di
         plt.close(ax.figure)
     return path
 
-# %% ../nbs/07_eval.ipynb #7a24b8d1
+# %% ../nbs/07_eval.ipynb #3cb8f3e1
 def _find_bundle_root(folder: Path) -> Path:
     for candidate in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
         if all((candidate / name).is_file() for name in BUNDLE_FILES):
@@ -508,7 +508,7 @@ def download_eval_bundle(dest: str | Path | None = None, url: str = EVAL_BUNDLE_
     print0(f"Eval bundle unpacked to {dest}")
     return dest
 
-# %% ../nbs/07_eval.ipynb #ff1c18b6
+# %% ../nbs/07_eval.ipynb #d101b968
 SAMPLE_PROMPTS = [
     "The capital of Italy is",
     "Water is made of hydrogen and",
@@ -556,7 +556,7 @@ def result_stem(step: int, max_per_task: int | None) -> str:
     "The file name (without suffix) of an evaluation's results."
     return f"base_eval_{step:06d}" + (f"_max{max_per_task}" if max_per_task and max_per_task > 0 else "")
 
-# %% ../nbs/07_eval.ipynb #7eb5217c
+# %% ../nbs/07_eval.ipynb #9365d984
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanochat-base-eval", description="Evaluate a base model: CORE, bits per "
                                      "byte on the validation split, greedy samples.")
@@ -579,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bundle-url", default=EVAL_BUNDLE_URL, help="where --download-bundle fetches from")
     return parser
 
-# %% ../nbs/07_eval.ipynb #b12e2409
+# %% ../nbs/07_eval.ipynb #f47c211b
 def _parse_evals(text: str) -> list[str]:
     evals = [e.strip() for e in text.split(",") if e.strip()]
     unknown = [e for e in evals if e not in EVALS]
@@ -595,7 +595,10 @@ def validation_bpb(model, tokenizer, info, eval_tokens: int, batch_size: int, se
     loader = BestFitLoader(tokenizer, batch_size, seq_len, split="val", device=info.device,
                            rank=info.rank, world_size=info.world_size)
     steps = max(1, eval_tokens // (batch_size * seq_len * info.world_size))
-    return evaluate_bpb(model, islice(loader, steps), tokenizer.token_bytes())
+    try:
+        return evaluate_bpb(model, islice(loader, steps), tokenizer.token_bytes())
+    finally:
+        loader.close()
 
 
 def main(argv=None) -> dict | None:
@@ -643,6 +646,6 @@ def main(argv=None) -> dict | None:
     finally:
         cleanup_distributed()
 
-# %% ../nbs/07_eval.ipynb #3515c899
+# %% ../nbs/07_eval.ipynb #b4daad42
 if __name__ == "__main__" and "__file__" in globals():  # `python -m nanochat_nb.core_eval`, not the notebook
     main()
