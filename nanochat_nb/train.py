@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .common import (RunLogger, cleanup_distributed, compute_dtype, init_distributed, nanochat_home,
                                 parse_args_with_preset, peak_flops, print0, seed_everything)
 from .dataloader import BestFitLoader
-from .gpt import GPT, GPTConfig, load_model_state
+from .gpt import GPT, PAD_VOCAB_TO, GPTConfig, load_model_state
 from .optim import setup_optimizer
 from .tokenizer import load_token_bytes, load_tokenizer
 
@@ -59,7 +59,8 @@ def scaling_params(depth: int, vocab_size: int, aspect_ratio: int = 64, head_dim
     "N for the scaling laws: transformer matrices (incl. value-embedding gates) plus the lm_head."
     n_embd, n_head = model_shape(depth, aspect_ratio, head_dim)
     matrices = depth * 12 * n_embd**2 + value_embedding_layers(depth) * n_head * 12
-    return matrices + vocab_size * n_embd
+    padded_vocab = math.ceil(vocab_size / PAD_VOCAB_TO) * PAD_VOCAB_TO
+    return matrices + padded_vocab * n_embd
 
 
 def window_sizes(n_layer: int, sequence_len: int, window_pattern: str = "SSSL") -> list[int]:
@@ -756,7 +757,7 @@ class Trainer:
         samples = {}
         for prompt in SAMPLE_PROMPTS:
             ids = self.tokenizer.encode(prompt, prepend="<|bos|>")
-            samples[prompt] = self.tokenizer.decode(list(self.model.generate(ids, max_tokens=16, top_k=1)))
+            samples[prompt] = self.tokenizer.decode(list(self.model.generate(ids, max_tokens=16, temperature=0)))
             _write(progress, f"  {prompt!r} -> {samples[prompt]!r}")
         self.model.train()
         self.logger.log(self.state.step, samples=samples)

@@ -8,13 +8,17 @@ import torch
 
 from conftest import REPO, run_python
 from nanochat_nb.common import read_log
-from nanochat_nb.train import (REF_BATCH, Trainer, checkpoint_steps, derive_plan, flops_per_token,
+from nanochat_nb.train import (BASE_LRS, REF_BATCH, Trainer, checkpoint_steps, derive_plan, flops_per_token,
                                load_checkpoint, main, scaling_params)
 
 STEPS, SAVE_EVERY = 24, 8
+# At a 1K-token batch the sqrt(B/B_ref) rule gives learning rates ~23x below the reference; 10x them so that
+# a couple of dozen steps visibly learn.
+FAST_LRS = [flag for name, lr in BASE_LRS.items() if name != "smear"
+            for flag in (f"--{name.replace('_', '-')}-lr", str(10 * lr))]
 TINY = ["--depth", "2", "--max-seq-len", "128", "--device-batch-size", "4", "--total-batch-size", "1024",
         "--num-iterations", str(STEPS), "--warmup-steps", "4", "--compile", "off", "--sample-every", "-1",
-        "--eval-tokens", "4096"]
+        "--eval-tokens", "4096", *FAST_LRS]
 
 
 def tiny_flags(tokenizer, run_dir, *extra):
@@ -76,9 +80,9 @@ def test_dial_counts_match_the_model():
             depth, vocab_size=2048, sequence_len=512)).items() if k in plan.model_config()}
         with torch.device("meta"):
             model = GPT(GPTConfig(**plan.model_config()))
-        counts = model.num_scaling_params()
-        assert counts["transformer_matrices"] + counts["lm_head"] == scaling_params(depth, 2048)
-        assert model.estimate_flops() == pytest.approx(flops_per_token(depth, 2048, 512))
+        assert model.num_scaling_params() == scaling_params(depth, 2048)
+        # the model also counts the 24-weight smear gate as a linear layer; nanochat leaves it out
+        assert model.estimate_flops() == pytest.approx(flops_per_token(depth, 2048, 512), abs=6 * 24)
 
 
 def test_schedules():
@@ -117,12 +121,16 @@ def test_dry_run_prints_the_plan_and_an_estimate(tokenizer, tmp_path, capsys):
 def test_tiny_run_learns(reference_run, tokenizer):
     trained = losses(reference_run)
     assert sorted(trained) == list(range(1, STEPS + 1))
-    assert trained[1] > math.log(tokenizer.vocab_size) - 0.5
-    assert trained[STEPS] < math.log(tokenizer.vocab_size) - 2
+    uniform = math.log(tokenizer.vocab_size)   # the loss of a model that knows nothing
+    assert trained[1] == pytest.approx(uniform, abs=0.2)
+    last = [trained[step] for step in range(STEPS - 7, STEPS + 1)]
+    assert sum(last) / len(last) < uniform - 1.5, trained
+    val = [r["val_bpb"] for r in read_log(reference_run / "log.jsonl") if "val_bpb" in r]
+    assert val[-1] < 0.8 * val[0], val
     assert checkpoint_steps(reference_run) == [8, 16, 24]
     assert (reference_run / "tokenizer").is_dir() and (reference_run / "plan.json").is_file()
     records = read_log(reference_run / "log.jsonl")
-    assert any("val_bpb" in r or "val_loss" in r for r in records) and any("samples" in r for r in records)
+    assert any("samples" in r for r in records)
 
 
 def test_exact_resume_after_sigkill(reference_run, tokenizer, tmp_path):
@@ -173,11 +181,14 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tok
 
 
 def test_torchrun_two_processes_match_one_with_twice_the_accumulation(tokenizer, tmp_path):
-    flags = ["--num-iterations", "6", "--eval-every", "-1"]
+    # the reference learning rates (not 10x): fp32 rounding differences then grow slowly enough to compare
+    base_lrs = [flag for name, lr in BASE_LRS.items() for flag in (f"--{name.replace('_', '-')}-lr", str(lr))]
+    flags = ["--num-iterations", "6", "--eval-every", "-1", *base_lrs]
     train_process("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanochat_nb.train",
                   *tiny_flags(tokenizer, tmp_path / "two", *flags))
     train_process("-m", "nanochat_nb.train", *tiny_flags(tokenizer, tmp_path / "one", *flags, "--emulate-ranks", "2"))
     two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
     assert sorted(two) == sorted(one) == list(range(1, 7))
+    assert two[1] == one[1]   # the same data and weights: the first loss is the same float
     for step in two:
-        assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), (step, two[step], one[step])
+        assert two[step] == pytest.approx(one[step], rel=1e-5), (step, two[step], one[step])
