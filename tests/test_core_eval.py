@@ -217,3 +217,157 @@ def test_download_bundle_from_local_server(tmp_path, bundle):
     finally:
         server.close()
     assert EVAL_BUNDLE_URL.endswith("/eval_bundle.zip")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the batched evaluator against a straightforward one-item-at-a-time evaluator, on real items
+
+import torch
+import torch.nn.functional as F
+
+from nanochat_nb.core_eval import (ScoredItem, crop_left, evaluate_bpb, evaluate_core, evaluate_items, evaluate_task,
+                                   format_core_table, score_rows, task_scored_items)
+from nanochat_nb.gpt import GPT, GPTConfig
+
+CONTEXT = 192  # short enough that 10-shot prompts get cropped
+
+
+@pytest.fixture(scope="module")
+def small_model(tokenizer):
+    "A depth-2 GPT with fixed random weights, scaled up so that its predictions are far from uniform."
+    torch.manual_seed(1234)
+    model = GPT(GPTConfig.from_depth(2, vocab_size=tokenizer.vocab_size, sequence_len=CONTEXT)).init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and ("c_proj" in name or "lm_head" in name):
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def one_item(model, tokenizer, task, items, idx, max_len):
+    "The plain way: render, tokenize each prompt, find the spans by hand, one forward pass per row."
+    item = items[idx]
+    prompts = render_prompts(task.task_type, item, sample_fewshot(items, idx, task.num_fewshot), task.delimiter)
+    rows = [tokenizer.encode(p, prepend="<|bos|>") for p in prompts]
+    if task.task_type == "language_modeling":
+        without, full = rows
+        assert full[:len(without)] == without
+        spans = [(full, len(without), len(full))]
+    elif task.task_type == "multiple_choice":
+        start = 0
+        while all(len(r) > start for r in rows) and len({r[start] for r in rows}) == 1:
+            start += 1
+        spans = [(r, start, len(r)) for r in rows]
+    else:
+        shared = 0
+        while all(len(r) > shared for r in rows) and len({r[-1 - shared] for r in rows}) == 1:
+            shared += 1
+        spans = [(r, len(r) - shared, len(r)) for r in rows]
+    means, hits = [], []
+    for row, start, end in spans:
+        if len(row) > max_len:
+            cut = len(row) - max_len
+            row, start, end = row[cut:], max(start - cut, 1), end - cut
+        with torch.no_grad():
+            logits = model(torch.tensor([row]))[0, start - 1:end - 1]
+        targets = torch.tensor(row[start:end])
+        means.append(F.cross_entropy(logits, targets).item())
+        hits.append(int((logits.argmax(-1) == targets).sum()))
+    if task.task_type == "language_modeling":
+        correct = hits[0] == spans[0][2] - spans[0][1]
+    else:
+        correct = means.index(min(means)) == item["gold"]
+    return correct, means, hits
+
+
+def test_batched_equals_one_at_a_time_on_every_task(small_model, tokenizer, tasks):
+    seen_types, cropped, right = set(), 0, 0
+    for task in tasks.values():
+        if not task.available:
+            continue
+        items = shuffled_items(load_task_data(task.path, task.task_type), 6)
+        reference = [one_item(small_model, tokenizer, task, items, i, CONTEXT) for i in range(len(items))]
+        batched = evaluate_task(small_model, tokenizer, task, max_per_task=6, max_seq_len=CONTEXT, batch_tokens=2048)
+        assert batched["correct"] == [r[0] for r in reference], task.label
+        scored = task_scored_items(task, items, range(len(items)), tokenizer, CONTEXT)
+        means, hits = score_rows(small_model, [r for s in scored for r in s.rows], [x for s in scored for x in s.starts],
+                                 [x for s in scored for x in s.ends], tokenizer.bos_id, batch_tokens=2048)
+        assert hits == [h for r in reference for h in r[2]], task.label
+        assert means == pytest.approx([m for r in reference for m in r[1]], rel=1e-4, abs=1e-4), task.label
+        seen_types.add(task.task_type)
+        cropped += batched["truncated"]
+        right += sum(batched["correct"])
+    assert seen_types == {"multiple_choice", "schema", "language_modeling"}
+    assert cropped > 0 and right > 0
+
+
+def test_language_modelling_item_is_right_when_greedy_decoding_matches(small_model, tokenizer, tasks):
+    "Give real prompts the model's own greedy continuation: the evaluator must call them right, and wrong if changed."
+    task = tasks["bigbench_qa_wikidata"]
+    items = shuffled_items(load_task_data(task.path, task.task_type), 4)
+    good, bad = [], []
+    for item in task_scored_items(task, items, range(4), tokenizer, CONTEXT):
+        prompt = item.rows[0][:item.starts[0]][-(CONTEXT - 3):]
+        row = list(prompt)
+        for _ in range(3):
+            with torch.no_grad():
+                row.append(int(small_model(torch.tensor([row]))[0, -1].argmax()))
+        good.append(ScoredItem([row], [len(prompt)], [len(row)], None))
+        bad.append(ScoredItem([row[:-1] + [(row[-1] + 1) % tokenizer.vocab_size]], [len(prompt)], [len(row)], None))
+    assert evaluate_items(small_model, good + bad, tokenizer.bos_id) == [True] * 4 + [False] * 4
+
+
+def test_crop_left_keeps_the_scored_end():
+    item = ScoredItem([list(range(10)), list(range(8))], [6, 6], [10, 8], gold=0)
+    cropped = crop_left(item, 5)
+    assert cropped.truncated and cropped.rows == [[5, 6, 7, 8, 9], [3, 4, 5, 6, 7]]
+    assert (cropped.starts, cropped.ends) == ([1, 3], [5, 5])
+    assert crop_left(item, 10) is item and not item.truncated
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CORE over the tasks that have data
+
+def test_missing_task_file_is_skipped_with_a_warning(tmp_path, bundle, small_model, tokenizer):
+    partial = tmp_path / "eval_bundle"
+    for name in ["core.yaml", "eval_meta_data.csv", *[f"openai-community-gpt2{s}.csv" for s in ("", "-xl")]]:
+        (partial / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(bundle / name, partial / name)
+    for uri in ["commonsense_reasoning/copa.jsonl", "language_understanding/winograd_wsc.jsonl",
+                "symbolic_problem_solving/bigbench_operators.jsonl"]:
+        (partial / "eval_data" / uri).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(bundle / "eval_data" / uri, partial / "eval_data" / uri)
+    with pytest.warns(UserWarning, match=r"'arc_easy' skipped: its data file .*arc_easy.jsonl"):
+        result = evaluate_core(small_model, tokenizer, partial, max_per_task=4, verbose=False)
+    assert (result["tasks_used"], result["tasks_total"], len(result["skipped"])) == (3, 22, 19)
+    assert list(result["tasks"]) == ["copa", "winograd", "bigbench_operators"]
+    assert all(r["items"] == 4 for r in result["tasks"].values())
+    assert result["core"] == pytest.approx(sum(r["centered"] for r in result["tasks"].values()) / 3)
+    assert "over 3 of 22 tasks" in format_core_table(result)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bits per byte
+
+def test_bpb_of_a_uniform_model_on_real_text(tokenizer, data_root):
+    import pyarrow.parquet as pq
+    texts = pq.read_table(data_root / "pretrain" / "shard_00006.parquet", columns=["text"]).column("text").to_pylist()[:3]
+    stream = [t for text in texts for t in tokenizer.encode(text[:3000], prepend="<|bos|>")]
+    n = len(stream) // 65 * 65
+    chunk = torch.tensor(stream[:n]).view(-1, 65)
+    inputs, targets = chunk[:, :-1], chunk[:, 1:].clone()
+    model = GPT(GPTConfig.from_depth(2, vocab_size=tokenizer.vocab_size, sequence_len=64)).init_weights()
+    torch.nn.init.zeros_(model.lm_head.weight)  # equal logits: every token costs log2(V) bits
+    token_bytes = tokenizer.token_bytes()
+    counted = targets[token_bytes[targets] > 0]
+    text_bytes = sum(len(text[:3000].encode()) for text in texts)
+    assert token_bytes[counted].sum().item() <= text_bytes  # the bytes are the text's own (minus a cut-off tail)
+    expected = math.log2(tokenizer.vocab_size) * len(counted) / token_bytes[counted].sum().item()
+    assert evaluate_bpb(model, [(inputs, targets)], token_bytes) == pytest.approx(expected, rel=1e-6)
+    masked = targets.clone()
+    masked[:, :10] = -1  # ignored targets count neither nats nor bytes
+    kept = masked[masked >= 0]
+    kept = kept[token_bytes[kept] > 0]
+    expected = math.log2(tokenizer.vocab_size) * len(kept) / token_bytes[kept].sum().item()
+    assert evaluate_bpb(model, [(inputs[:, :32], masked[:, :32]), (inputs[:, 32:], masked[:, 32:])],
+                        token_bytes) == pytest.approx(expected, rel=1e-6)
