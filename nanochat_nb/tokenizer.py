@@ -634,7 +634,7 @@ def _user_errors(run):
     "Run a CLI body; bad input (missing folders, wrong sizes) ends the program with its one-line message."
     try:
         return run()
-    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"error: {e.args[0] if isinstance(e, KeyError) else e}") from None
 
 
@@ -644,6 +644,8 @@ def train_tokenizer(args: argparse.Namespace) -> Tokenizer:
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
     output = args.output or default_tokenizer_dir()
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file, not a folder: pick a folder to save the tokenizer to.")
     print(f"training a {args.vocab_size:,}-token tokenizer on up to {args.max_chars:,} characters "
           f"(documents cut to {args.doc_cap:,}) -> {output}", flush=True)
     texts = iter_texts("train", folder=args.data_dir, max_chars=args.max_chars, doc_cap=args.doc_cap)

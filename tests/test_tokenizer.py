@@ -39,6 +39,11 @@ def test_scratch_and_fast_trainers_give_identical_ranks(mixed_text, vocab_size):
     assert scratch == fast
 
 
+def test_trainers_agree_on_half_a_megabyte_of_validation_text():
+    texts = list(iter_texts("val", max_chars=500_000))
+    assert train_bpe(texts, 2048) == train_ranks_fast(texts, 2048)
+
+
 def test_trainers_agree_on_ties_and_early_stop():
     for texts in (["cdab"], ["xy cd"], ["aaaaaaa"], ["a b c d"], NASTY[:1]):
         assert train_bpe(texts, 400) == train_ranks_fast(texts, 400)  # tiny texts: many ties, stops early
@@ -270,6 +275,10 @@ def test_cli_train_and_eval(tmp_path):
 def test_cli_errors(tmp_path):
     done = run_python("-m", "nanochat_nb.tokenizer", "eval", "--tokenizer", str(tmp_path / "nope"))
     assert done.returncode != 0 and "nanochat-tok-train" in done.stderr
+    (tmp_path / "file").write_text("not a folder")
+    done = run_python("-m", "nanochat_nb.tokenizer", "train", "--preset", "tiny", "--output", str(tmp_path / "file"))
+    assert done.returncode != 0 and "is a file, not a folder" in done.stderr
+    assert (tmp_path / "file").read_text() == "not a folder"
     done = run_python("-m", "nanochat_nb.tokenizer", "frobnicate")
     assert done.returncode != 0 and "train,eval" in done.stderr
     done = run_python("-m", "nanochat_nb.tokenizer", "train", "--vocab-size", "0", "--output", str(tmp_path / "x"))
