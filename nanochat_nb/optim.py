@@ -46,7 +46,8 @@ def polar_express(G: Tensor, steps: int = 5) -> Tensor:
         X = X.mT
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
         A = X @ X.mT
-        X = a * X + (b * A + c * (A @ A)) @ X
+        B = (A @ A).mul_(c).add_(A, alpha=b)  # b·A + c·A², in place on the fresh product
+        X = (B @ X).add_(X, alpha=a)          # a·X + B·X
     return X.mT if tall else X
 
 # %% ../nbs/05_optim.ipynb #325f71aa
@@ -166,6 +167,22 @@ class MuonAdamW(torch.optim.Optimizer):
                         **self._hyper(lr=group["lr"], momentum=group["momentum"], beta2=group["beta2"],
                                       weight_decay=group["weight_decay"]))
 
+    def _state_shape(self, group: dict, p: Tensor) -> tuple:
+        "The shape of the first state buffer this process keeps under `p` (stacked for Muon groups)."
+        return (len(group["params"]), *p.shape) if group["kind"] == "muon" else tuple(p.shape)
+
+    def load_state_dict(self, state_dict: dict):
+        "Load a state saved by `state_dict()` (of this process's rank), checking that its shapes fit this run."
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                buffers = [v for v in self.state.get(p, {}).values() if torch.is_tensor(v) and v.ndim]
+                if buffers and tuple(buffers[0].shape) != self._state_shape(group, p):
+                    raise ValueError(
+                        f"The optimizer state of group {group.get('name', group['kind'])!r} has shape "
+                        f"{tuple(buffers[0].shape)} where this run needs {self._state_shape(group, p)}: it was saved "
+                        "by a run with another number of processes or another model; resume with the same setup.")
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -283,6 +300,12 @@ class DistMuonAdamW(MuonAdamW):
             raise RuntimeError("DistMuonAdamW needs torch.distributed initialised (run under torchrun and call "
                                "nanochat_nb.common.init_distributed() first), or use MuonAdamW on one process.")
         super().__init__(param_groups, compile=compile)
+
+    def _state_shape(self, group: dict, p: Tensor) -> tuple:
+        world = dist.get_world_size()
+        if group["kind"] == "muon":
+            return (math.ceil(len(group["params"]) / world), *p.shape)
+        return (p.shape[0] // world, *p.shape[1:]) if _shards_rows(p, world) else tuple(p.shape)
 
     def _reduce_adamw(self, group: dict, rank: int, world: int) -> list:
         pending = []

@@ -138,3 +138,7 @@ def test_distributed_optimizer_matches_single_process_and_resumes(tmp_path):
         reference = one if world == 1 else two
         for name in reference:
             assert torch.equal(resumed[name], reference[name]), (world, name)
+    # a rank's shard does not fit a run with another number of processes: a clear error, not a wrong run
+    optimizer = setup_optimizer(tiny_gpt(), lr_scale=0.5, weight_decay=0.1)
+    with pytest.raises(ValueError, match="another number of processes"):
+        optimizer.load_state_dict(shards[0])
