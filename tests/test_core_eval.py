@@ -371,3 +371,47 @@ def test_bpb_of_a_uniform_model_on_real_text(tokenizer, data_root):
     expected = math.log2(tokenizer.vocab_size) * len(kept) / token_bytes[kept].sum().item()
     assert evaluate_bpb(model, [(inputs[:, :32], masked[:, :32]), (inputs[:, 32:], masked[:, 32:])],
                         token_bytes) == pytest.approx(expected, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command line, alone and under torchrun
+
+from conftest import run_python
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, small_model, tokenizer):
+    "A checkpoint folder in nanochat's format, with the tokenizer copied in, as training leaves it."
+    from nanochat_nb.gpt import save_model_checkpoint
+    folder = tmp_path_factory.mktemp("run") / "d2"
+    save_model_checkpoint(folder, 7, small_model)
+    tokenizer.save(folder / "tokenizer")
+    return folder
+
+
+def test_cli_writes_results_and_matches_torchrun(checkpoint, tmp_path):
+    flags = ["--preset", "tiny", "--checkpoint", str(checkpoint), "--max-per-task", "2", "--eval-tokens", "2048"]
+    single = run_python("-m", "nanochat_nb.core_eval", *flags, "--out", str(tmp_path / "one"), timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "CORE" in single.stdout and "over 18 of 22 tasks" in single.stdout
+    result = json.loads((tmp_path / "one" / "base_eval_000007_max2.json").read_text())
+    assert (tmp_path / "one" / "base_eval_000007_max2.png").is_file()
+    assert result["step"] == 7 and len(result["samples"]) > 0 and 0 < result["val_bpb"] < 20
+    assert result["core"]["tasks_used"] == 18 and result["core"]["max_seq_len"] == 256  # the tiny preset's crop
+
+    double = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "nanochat_nb.core_eval", *flags, "--eval", "core,bpb", "--out", str(tmp_path / "two"),
+                        timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+    split = json.loads((tmp_path / "two" / "base_eval_000007_max2.json").read_text())
+    assert split["core"]["core"] == pytest.approx(result["core"]["core"], abs=1e-9)
+    for label, task in result["core"]["tasks"].items():
+        assert split["core"]["tasks"][label]["correct"] == task["correct"], label
+    assert split["val_bpb"] == pytest.approx(result["val_bpb"], rel=0.1)  # other batches, same text
+
+
+def test_cli_bad_input(checkpoint, tmp_path):
+    out = run_python("-m", "nanochat_nb.core_eval", "--checkpoint", str(checkpoint), "--eval", "core,speed")
+    assert out.returncode != 0 and "--eval 'core,speed' is not a list of core, bpb, sample" in out.stderr
+    out = run_python("-m", "nanochat_nb.core_eval", "--checkpoint", str(checkpoint), "--bundle-dir", str(tmp_path / "x"))
+    assert out.returncode != 0 and "does not exist" in out.stderr and "--download-bundle" in out.stderr
