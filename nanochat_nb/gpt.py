@@ -6,10 +6,15 @@ residual scalars, smear, backout and a soft-capped head, with nanochat's weights
 # %% ../nbs/04_gpt.ipynb #df66a197
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
 import json
 import math
+import os
 import re
+import shutil
+import subprocess
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -19,15 +24,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import compute_dtype as default_compute_dtype
+from .common import compute_dtype as default_compute_dtype, cpu_name, nanochat_home
 
 # %% auto #0
-__all__ = ['ROTARY_BASE', 'VE_GATE_CHANNELS', 'QK_SCALE', 'SOFTCAP', 'LOSS_CHUNK_ROWS', 'SMEAR_CHANNELS', 'BACKOUT_INIT',
-           'PAD_VOCAB_TO', 'norm', 'Linear', 'rotary_tables', 'apply_rotary', 'MLP', 'window_sizes', 'sdpa_attention',
-           'naive_attention', 'flash_attention_3', 'attention', 'has_value_embed', 'CausalSelfAttention', 'Block',
-           'softcap_logits', 'softcap_cross_entropy', 'GPTConfig', 'KVCache', 'smear', 'GPT', 'check_state_dict',
-           'load_model_state', 'checkpoint_steps', 'config_from_meta', 'save_model_checkpoint',
-           'load_nanochat_checkpoint']
+__all__ = ['ROTARY_BASE', 'VE_GATE_CHANNELS', 'QK_SCALE', 'SOFTCAP', 'LOSS_CHUNK_ROWS', 'SOFTCAP_CE_C', 'SMEAR_CHANNELS',
+           'BACKOUT_INIT', 'PAD_VOCAB_TO', 'norm', 'Linear', 'rotary_tables', 'apply_rotary', 'MLP', 'window_sizes',
+           'sdpa_attention', 'naive_attention', 'flash_attention_3', 'attention', 'has_value_embed',
+           'CausalSelfAttention', 'Block', 'native_softcap_ce', 'softcap_logits', 'softcap_ce_rows_',
+           'softcap_cross_entropy', 'GPTConfig', 'KVCache', 'smear', 'GPT', 'check_state_dict', 'load_model_state',
+           'checkpoint_steps', 'config_from_meta', 'save_model_checkpoint', 'load_nanochat_checkpoint']
 
 # %% ../nbs/04_gpt.ipynb #7b48d472
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -202,7 +207,66 @@ class Block(nn.Module):
 
 # %% ../nbs/04_gpt.ipynb #e436e69b
 SOFTCAP = 15.0
-LOSS_CHUNK_ROWS = 256
+LOSS_CHUNK_ROWS = 512
+
+SOFTCAP_CE_C = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+/* In place, row by row: fp32 logits -> scale * d(loss)/d(logits) of the cross-entropy of cap*tanh(logits/cap),
+   and the loss of each row. Targets < 0 are ignored (loss 0, gradient 0). */
+void softcap_ce_rows(float *logits, const int64_t *targets, float *losses, int64_t n, int64_t vocab,
+                     int64_t stride, float cap, float scale, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < n; r++) {
+        float *row = logits + r * stride;
+        int64_t t = targets[r];
+        if (t < 0) { memset(row, 0, vocab * sizeof(float)); losses[r] = 0.0f; continue; }
+        float inv_cap = 1.0f / cap, sum = 0.0f;
+        #pragma omp simd reduction(+:sum)
+        for (int64_t j = 0; j < vocab; j++) {  /* sweep 1: tanh in place, sum of exp(softcapped logit) */
+            float th = tanhf(row[j] * inv_cap);
+            row[j] = th;
+            sum += expf(cap * th);
+        }
+        float th_t = row[t], p_scale = scale / sum;
+        losses[r] = logf(sum) - cap * th_t;
+        #pragma omp simd
+        for (int64_t j = 0; j < vocab; j++) {  /* sweep 2: (softmax - onehot) * dsoftcap/dlogit */
+            float th = row[j];
+            row[j] = expf(cap * th) * p_scale * (1.0f - th * th);
+        }
+        row[t] -= scale * (1.0f - th_t * th_t);
+    }
+}
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def native_softcap_ce():
+    "The C kernel above as a ctypes function, compiled once per machine into the home folder; None if unavailable."
+    if os.environ.get("NANOCHAT_NATIVE_KERNELS", "1") == "0":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+    if compiler is None:
+        return None
+    flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha1("|".join([SOFTCAP_CE_C, compiler, *flags, cpu_name()]).encode()).hexdigest()[:16]
+    path = nanochat_home() / "kernels" / f"softcap_ce_{key}.so"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        source, partial = path.with_suffix(f".{os.getpid()}.c"), path.with_suffix(f".{os.getpid()}.so")
+        source.write_text(SOFTCAP_CE_C)
+        built = subprocess.run([compiler, *flags, str(source), "-o", str(partial), "-lm"], capture_output=True, text=True)
+        source.unlink()
+        if built.returncode != 0:
+            warnings.warn(f"Could not compile the softcap cross-entropy kernel, using PyTorch ops:\n{built.stderr[-500:]}")
+            return None
+        os.replace(partial, path)  # atomic: concurrent builds never see a half-written library
+    kernel = ctypes.CDLL(str(path)).softcap_ce_rows
+    kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_float, ctypes.c_int]
+    kernel.restype = None
+    return kernel
 
 
 def softcap_logits(logits: torch.Tensor, softcap: float = SOFTCAP) -> torch.Tensor:
@@ -210,53 +274,69 @@ def softcap_logits(logits: torch.Tensor, softcap: float = SOFTCAP) -> torch.Tens
     return softcap * torch.tanh(logits.float() / softcap)
 
 
-def _chunk_loss_and_grad(x, weight, targets, softcap):
-    "Per-row losses and d(loss)/d(logits) for one chunk of rows (invalid targets = -1 give 0 and 0)."
-    tanh = torch.tanh((x @ weight.t()).float().div_(softcap))
-    z = tanh.mul(softcap)
+def _softcap_ce_rows_torch(logits, targets, losses, softcap, scale):
+    "PyTorch version of the C kernel: same results, in place on a chunk of logits."
+    tanh = torch.tanh(logits.float() / softcap)
+    z = tanh * softcap
     lse = torch.logsumexp(z, dim=-1)
     valid = targets >= 0
-    safe = targets.clamp(min=0)
-    losses = (lse - z.gather(1, safe[:, None]).squeeze(1)) * valid
-    probs = z.sub_(lse[:, None]).exp_()
-    probs[torch.arange(len(targets), device=x.device), safe] -= 1.0
-    grad = probs.mul_(tanh.square_().neg_().add_(1.0)).mul_(valid[:, None])  # chain rule through the softcap
-    return losses, grad
+    safe = targets.clamp(min=0)[:, None]
+    losses.copy_((lse - z.gather(1, safe).squeeze(1)) * valid)
+    grad = z.sub_(lse[:, None]).exp_().scatter_add_(1, safe, -torch.ones_like(tanh[:, :1]))
+    grad.mul_(tanh.square_().neg_().add_(1.0)).mul_(valid[:, None] * scale)
+    logits.copy_(grad)
+
+
+def softcap_ce_rows_(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, softcap: float = SOFTCAP,
+                     scale: float = 1.0):
+    "Turn a chunk of logits (n, V) into scale x d(loss)/d(logits) in place; write each row's loss into `losses`."
+    kernel = native_softcap_ce() if logits.device.type == "cpu" else None
+    if kernel is not None and logits.dtype == torch.float32 and logits.stride(1) == 1:
+        targets = targets.contiguous()
+        kernel(logits.data_ptr(), targets.data_ptr(), losses.data_ptr(), logits.size(0), logits.size(1),
+               logits.stride(0), softcap, scale, torch.get_num_threads())
+    else:
+        _softcap_ce_rows_torch(logits, targets, losses, softcap, scale)
 
 
 class _FusedSoftcapCrossEntropy(torch.autograd.Function):
-    "Loss of lm_head + softcap + cross-entropy, with its gradient computed chunk by chunk in the forward pass."
+    "lm_head + softcap + cross-entropy whose forward pass also computes d(loss)/d(logits), chunk by chunk."
 
     @staticmethod
     def forward(ctx, x, weight, targets, softcap, reduction):
         w = weight.to(x.dtype)
-        grad_logits = torch.empty(x.size(0), w.size(0), dtype=x.dtype, device=x.device)
+        count = int((targets >= 0).sum()) if reduction == "mean" else 1
+        scale = 1.0 / max(count, 1)
+        grad_logits = torch.empty(x.size(0), w.size(0), dtype=torch.float32, device=x.device)
         losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
         for start in range(0, x.size(0), LOSS_CHUNK_ROWS):
             rows = slice(start, start + LOSS_CHUNK_ROWS)
-            losses[rows], grad_logits[rows] = _chunk_loss_and_grad(x[rows], w, targets[rows], softcap)
-        count = (targets >= 0).sum().clamp(min=1) if reduction == "mean" else torch.ones((), device=x.device)
-        ctx.save_for_backward(x, w, grad_logits, count)
+            chunk = grad_logits[rows]
+            if x.dtype == torch.float32:
+                torch.mm(x[rows], w.t(), out=chunk)  # the logits land where their gradient will be
+            else:
+                chunk.copy_(x[rows] @ w.t())
+            softcap_ce_rows_(chunk, targets[rows], losses[rows], softcap, scale)
+        ctx.save_for_backward(x, w, grad_logits.to(x.dtype))
         ctx.weight_dtype = weight.dtype
-        return losses.sum() / count
+        return losses.sum() * scale
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, w, grad_logits, count = ctx.saved_tensors
-        scale = (grad_loss / count).to(grad_logits.dtype)
+        x, w, grad_logits = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_logits @ w).mul_(scale)
+            grad_x = (grad_logits @ w).mul_(grad_loss.to(x.dtype))
         if ctx.needs_input_grad[1]:
-            grad_w = (grad_logits.t() @ x).mul_(scale).to(ctx.weight_dtype)
+            grad_w = (grad_logits.t() @ x).mul_(grad_loss.to(x.dtype)).to(ctx.weight_dtype)
         return grad_x, grad_w, None, None, None
 
 
+@torch.compiler.disable
 def softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           softcap: float = SOFTCAP, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of softcap(x @ weightᵀ) against targets (-1 = ignore), without storing all the logits.
-
-    x is (N, C) in the compute dtype, weight (V, C), targets (N,); reduction 'mean' | 'sum' | 'none'."""
+    """Cross-entropy of softcap(x @ weightᵀ) against targets (-1 = ignore), never holding more than one chunk of
+    logits besides their gradient. x is (N, C) in the compute dtype, weight (V, C), targets (N,)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"loss_reduction {reduction!r} must be 'mean', 'sum' or 'none'.")
     if reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
