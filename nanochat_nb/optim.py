@@ -114,8 +114,16 @@ def _check_groups(param_groups: list[dict]) -> list[dict]:
     return groups
 
 
+def _grad_or_zeros(p: Tensor) -> Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
 class MuonAdamW(torch.optim.Optimizer):
-    "Muon for the matrix groups, AdamW for the others, on one process (see `setup_optimizer` for the groups)."
+    """Muon for the matrix groups, AdamW for the others, on one process (`setup_optimizer` makes the groups).
+
+    `param_groups`: dicts with `params`, `kind` ("adamw" or "muon") and `lr`, plus any of the kind's
+    hyperparameters (defaults: `ADAMW_DEFAULTS`, `MUON_DEFAULTS`). `compile`: run the update kernels through
+    `torch.compile` (default: when the parameters are on a GPU)."""
 
     def __init__(self, param_groups: list[dict], compile: bool | None = None):
         groups = _check_groups(param_groups)
@@ -201,10 +209,6 @@ class MuonAdamW(torch.optim.Optimizer):
                 self._muon_update(stacked, grads, self._muon_state(group, len(params)), group)
                 torch._foreach_copy_(params, list(stacked.unbind(0)))
         return loss
-
-
-def _grad_or_zeros(p: Tensor) -> Tensor:
-    return p.grad if p.grad is not None else torch.zeros_like(p)
 
 # %% ../nbs/05_optim.ipynb #6b05eb56
 ADAMW_GROUPS = {  # name: (base-lr argument, width scaled, batch scaled, betas (None: adam_betas), weight decay)
