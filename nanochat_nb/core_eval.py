@@ -27,8 +27,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from .common import (autodetect_device_type, cleanup_distributed, default_data_dir,
-                                hardware_summary, init_distributed, nanochat_home, parse_args_with_preset, print0)
+from .common import (
+    autodetect_device_type, cleanup_distributed, default_data_dir, hardware_summary, init_distributed, nanochat_home,
+    parse_args_with_preset, print0)
 
 # %% auto #0
 __all__ = ['EVAL_BUNDLE_URL', 'BUNDLE_FILES', 'REQUIRED_FIELDS', 'SAMPLE_PROMPTS', 'EVALS', 'evaluate_bpb', 'CoreTask',
