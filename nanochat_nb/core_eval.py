@@ -291,12 +291,12 @@ def score_rows(model, rows: list[list[int]], starts: list[int], ends: list[int],
         logits = logits_at(model, inputs.to(device), row_of, torch.tensor(position_of, device=device))
         losses = F.cross_entropy(logits, targets, reduction="none").double()
         hits = (logits.argmax(dim=-1) == targets).double()
-        counts = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, row_of, torch.ones_like(losses))
-        loss_sums = torch.zeros_like(counts).index_add_(0, row_of, losses)
-        hit_sums = torch.zeros_like(counts).index_add_(0, row_of, hits)
+        sums = torch.zeros(3, len(batch), dtype=torch.float64, device=device)  # tokens, loss, hits per row
+        sums.index_add_(1, row_of, torch.stack([torch.ones_like(losses), losses, hits]))
+        counts, loss_sums, hit_sums = sums.tolist()  # one transfer per batch
         for b, i in enumerate(batch):
-            mean_losses[i] = (loss_sums[b] / counts[b]).item() if counts[b] > 0 else math.nan
-            greedy_hits[i] = int(hit_sums[b].item())
+            mean_losses[i] = loss_sums[b] / counts[b] if counts[b] > 0 else math.nan
+            greedy_hits[i] = int(hit_sums[b])
     return mean_losses, greedy_hits
 
 
