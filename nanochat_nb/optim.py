@@ -170,6 +170,7 @@ class MuonAdamW(torch.optim.Optimizer):
         return state
 
     def _muon_update(self, stacked: Tensor, grads: Tensor, state: dict, group: dict):
+        "Muon on the stack `stacked` (the first len(stacked) matrices of the group's state), in place."
         self._muon_step(stacked, grads, state["momentum_buffer"][:len(stacked)], state["second_moment"][:len(stacked)],
                         ns_steps=group["ns_steps"],
                         **self._hyper(lr=group["lr"], momentum=group["momentum"], beta2=group["beta2"],
@@ -306,12 +307,14 @@ class DistMuonAdamW(MuonAdamW):
         super().__init__(param_groups, compile=compile)
 
     def _state_shape(self, group: dict, p: Tensor) -> tuple:
+        "This rank's share: ceil(K / world) matrices of a Muon group, a row slice of a large AdamW tensor."
         world = dist.get_world_size()
         if group["kind"] == "muon":
             return (math.ceil(len(group["params"]) / world), *p.shape)
         return (p.shape[0] // world, *p.shape[1:]) if _shards_rows(p, world) else tuple(p.shape)
 
     def _reduce_adamw(self, group: dict, rank: int, world: int) -> list:
+        "Launch the gradient averaging of an AdamW group: (param, averaged grad, this rank's shard or None, work)."
         pending = []
         for p in group["params"]:
             grad = _grad_or_zeros(p).contiguous()
@@ -326,6 +329,7 @@ class DistMuonAdamW(MuonAdamW):
         return pending
 
     def _update_adamw(self, group: dict, pending: list) -> list:
+        "Update this rank's shard of each parameter (or all of a small one); launch the gathers of the shards."
         gathers = []
         for p, grad, shard, work in pending:
             work.wait()
@@ -335,6 +339,7 @@ class DistMuonAdamW(MuonAdamW):
         return gathers
 
     def _reduce_muon(self, group: dict, rank: int, world: int):
+        "Stack the group's gradients (zero-padded) and launch their reduce-scatter: each rank gets its chunk."
         params = group["params"]
         chunk = math.ceil(len(params) / world)
         stacked = torch.zeros(chunk * world, *params[0].shape, device=params[0].device)
@@ -344,6 +349,7 @@ class DistMuonAdamW(MuonAdamW):
         return stacked, grads, work
 
     def _update_muon(self, group: dict, pending, rank: int) -> list:
+        "Run Muon on the matrices this rank owns; launch the all-gather that brings every updated matrix back."
         stacked, grads, work = pending
         params, chunk = group["params"], len(grads)
         first, owned = rank * chunk, max(0, min(chunk, len(params) - rank * chunk))
