@@ -635,8 +635,10 @@ def main(argv=None) -> dict | None:
             print0(f"validation bits per byte: {result['val_bpb']:.4f}")
         if "core" in evals:
             max_per_task = args.max_per_task if args.max_per_task > 0 else None
-            result["core"] = evaluate_core(model, tokenizer, args.bundle_dir, max_per_task,
-                                           args.core_max_seq_len or None, batch_tokens=args.batch_tokens)
+            with warnings.catch_warnings():  # one short line per skipped task, not a source listing
+                warnings.showwarning = lambda message, *rest, **kwargs: print0(f"warning: {message}")
+                result["core"] = evaluate_core(model, tokenizer, args.bundle_dir, max_per_task,
+                                               args.core_max_seq_len or None, batch_tokens=args.batch_tokens)
             print0(format_core_table(result["core"]))
         if info.is_main:
             stem = result_stem(meta["step"], args.max_per_task if "core" in evals else None)

@@ -415,3 +415,22 @@ def test_cli_bad_input(checkpoint, tmp_path):
     assert out.returncode != 0 and "--eval 'core,speed' is not a list of core, bpb, sample" in out.stderr
     out = run_python("-m", "nanochat_nb.core_eval", "--checkpoint", str(checkpoint), "--bundle-dir", str(tmp_path / "x"))
     assert out.returncode != 0 and "does not exist" in out.stderr and "--download-bundle" in out.stderr
+
+
+def test_checkpoint_and_tokenizer_lookup(tmp_path):
+    from nanochat_nb.core_eval import checkpoint_tokenizer_dir, latest_checkpoint_dir, result_stem
+    with pytest.raises(FileNotFoundError, match="No checkpoint under .*nanochat-base-train"):
+        latest_checkpoint_dir(tmp_path / "base_checkpoints")
+    ours, theirs = tmp_path / "base_checkpoints" / "d4", tmp_path / "base_checkpoints" / "d20"
+    for folder in (ours, theirs):
+        folder.mkdir(parents=True)
+        (folder / "model_000010.pt").write_bytes(b"")
+    import os
+    os.utime(ours / "model_000010.pt", (1, 1))  # the older one
+    assert latest_checkpoint_dir(tmp_path / "base_checkpoints") == theirs
+    assert checkpoint_tokenizer_dir(theirs) is None  # the default tokenizer folder then
+    (tmp_path / "tokenizer").mkdir()  # nanochat's layout: <base>/tokenizer beside <base>/base_checkpoints
+    assert checkpoint_tokenizer_dir(theirs) == tmp_path / "tokenizer"
+    (ours / "tokenizer").mkdir()  # ours: a copy inside the run folder wins
+    assert checkpoint_tokenizer_dir(ours) == ours / "tokenizer"
+    assert (result_stem(500, None), result_stem(500, 16)) == ("base_eval_000500", "base_eval_000500_max16")
