@@ -37,7 +37,7 @@ def run_one(args) -> dict:
     if args.optimizer:
         try:
             from nanochat_nb.optim import setup_optimizer
-            optimizer = setup_optimizer(model, world_size=1)
+            optimizer = setup_optimizer(model, world_size=1, compile=args.compile)
         except ImportError as e:
             print(f"(no optimizer: {e}; timing forward + backward only)", file=sys.stderr)
     step_model = torch.compile(model, dynamic=False) if args.compile else model

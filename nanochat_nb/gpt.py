@@ -29,7 +29,7 @@ from .common import compute_dtype as default_compute_dtype, cpu_name, nanochat_h
 # %% auto #0
 __all__ = ['ROTARY_BASE', 'VE_GATE_CHANNELS', 'QK_SCALE', 'SOFTCAP', 'LOSS_CHUNK_ROWS', 'SOFTCAP_CE_C', 'SMEAR_CHANNELS',
            'BACKOUT_INIT', 'PAD_VOCAB_TO', 'norm', 'Linear', 'rotary_tables', 'apply_rotary', 'MLP', 'window_sizes',
-           'sdpa_attention', 'naive_attention', 'flash_attention_3', 'attention', 'has_value_embed',
+           'window_mask', 'sdpa_attention', 'naive_attention', 'flash_attention_3', 'attention', 'has_value_embed',
            'CausalSelfAttention', 'Block', 'native_softcap_ce', 'softcap_logits', 'softcap_ce_rows_',
            'softcap_cross_entropy', 'GPTConfig', 'KVCache', 'smear', 'GPT', 'check_state_dict', 'load_model_state',
            'checkpoint_steps', 'config_from_meta', 'save_model_checkpoint', 'load_nanochat_checkpoint']
@@ -91,12 +91,14 @@ def window_sizes(sequence_len: int, n_layer: int, pattern: str = "SSSL") -> list
     return sizes
 
 
-@functools.lru_cache(maxsize=32)
-def _window_mask(q_len: int, k_len: int, window: int, device: torch.device) -> torch.Tensor:
+def window_mask(q_len: int, k_len: int, window: int, device=None) -> torch.Tensor:
     "Boolean (q_len, k_len) mask, True = attend: the queries are the last q_len of k_len positions."
     rows = torch.arange(k_len - q_len, k_len, device=device)[:, None]
     cols = torch.arange(k_len, device=device)[None, :]
     return (cols <= rows) & (rows - cols <= window)
+
+
+_cached_window_mask = functools.lru_cache(maxsize=32)(window_mask)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
@@ -108,7 +110,9 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     if q_len == 1:  # decode: keep the last window + 1 keys, no mask needed
         start = max(0, k_len - window - 1)
         return F.scaled_dot_product_attention(q, k[:, :, start:], v[:, :, start:], enable_gqa=gqa)
-    mask = _window_mask(q_len, k_len, window, q.device)
+    # eager: reuse the mask between layers and steps; compiled: build it in the graph (no graph break)
+    build = window_mask if torch.compiler.is_compiling() else _cached_window_mask
+    mask = build(q_len, k_len, window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 # %% ../nbs/04_gpt.ipynb #39b3a506
@@ -119,10 +123,7 @@ def naive_attention(q, k, v, window: int) -> torch.Tensor:
         repeat = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
     scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))
-    rows = torch.arange(k_len - q_len, k_len)[:, None]
-    cols = torch.arange(k_len)[None, :]
-    allowed = (cols <= rows) & (rows - cols <= window)
-    scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+    scores = scores.masked_fill(~window_mask(q_len, k_len, window, q.device), float("-inf"))
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 # %% ../nbs/04_gpt.ipynb #130b32b7
