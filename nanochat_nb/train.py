@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gc
 import importlib.util
 import itertools
 import json
@@ -41,7 +42,7 @@ __all__ = ['REF_DEPTH', 'REF_BATCH', 'BATCH_EXPONENT', 'MOMENTUM_WARMUP_STEPS', 
            'PlanError', 'TrainPlan', 'auto_batch_size', 'scaled_lrs', 'derive_plan', 'checkpoint_steps',
            'save_checkpoint', 'load_checkpoint', 'rng_state', 'set_rng_state', 'CheckpointMismatch', 'check_compatible',
            'build_parser', 'plan_from_args', 'describe_plan', 'ResumableBatches', 'TrainingDiverged', 'LoopState',
-           'default_run_dir', 'build_model', 'use_compile', 'evaluate_val', 'Progress', 'Trainer',
+           'default_run_dir', 'build_model', 'use_compile', 'device_peak_flops', 'evaluate_val', 'Progress', 'Trainer',
            'measure_step_seconds', 'dry_run', 'train', 'main']
 
 # %% ../nbs/06_train.ipynb #05037136
@@ -532,6 +533,13 @@ def use_compile(choice: str, device: torch.device, plan: TrainPlan) -> bool:
     return device.type == "cuda" or plan.num_iterations >= CPU_COMPILE_MIN_STEPS
 
 
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    "The peak FLOP/s MFU is measured against (NaN for fp16 on a CPU, where timing a big matmul takes minutes)."
+    if device.type == "cpu" and dtype == torch.float16:
+        return float("nan")
+    return peak_flops(device, dtype)
+
+
 def _synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -621,7 +629,7 @@ class Trainer:
                 self.eval_model = self.step_model
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.logger = RunLogger(self.run_dir / "log.jsonl", echo=False)
-        self.peak_flops = peak_flops(self.device, self.dtype) * self.dist.world_size
+        self.peak_flops = device_peak_flops(self.device, self.dtype) * self.dist.world_size
         self.token_bytes = load_token_bytes(self.args.tokenizer_dir).to(self.device)
         if self.dist.is_main:
             (self.run_dir / "plan.json").write_text(json.dumps(asdict(self.plan), indent=2))
@@ -676,7 +684,11 @@ class Trainer:
                     break
                 inputs, targets, record = self.train_step(inputs, targets)
                 progress.update(state.step, record)
+                if state.step == self.first_step + 1:  # setup's garbage is gone: stop the collector rescanning it
+                    gc.collect()
+                    gc.freeze()
         finally:
+            gc.unfreeze()
             progress.close()
             self.batches.close()
         return {"run_dir": str(self.run_dir), "step": state.step, "val_bpb": state.val_bpb,
@@ -839,7 +851,7 @@ def measure_step_seconds(trainer: Trainer, repeats: int = 2) -> float:
 def dry_run(trainer: Trainer) -> dict:
     "The plan's estimated time, measured where that is quick, else at an assumed MFU."
     plan = trainer.plan
-    peak = peak_flops(trainer.device, trainer.dtype) * trainer.dist.world_size
+    peak = device_peak_flops(trainer.device, trainer.dtype) * trainer.dist.world_size
     micro_flops = plan.flops_per_token * plan.device_batch_size * plan.max_seq_len
     if micro_flops / (peak / trainer.dist.world_size) < 5:  # a micro-step takes at most seconds: time it
         step_seconds = measure_step_seconds(trainer)
