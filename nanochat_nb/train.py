@@ -889,7 +889,8 @@ def main(argv=None):
             dist.destroy_process_group()
         raise SystemExit(f"nanochat-base-train: {error}")
     cleanup_distributed()
-    print0(f"done: step {summary.get('step')}, run folder {summary.get('run_dir')}")
+    if not args.dry_run:
+        print0(f"done: step {summary['step']}, run folder {summary['run_dir']}")
 
 # %% ../nbs/06_train.ipynb #ec2bd3dc
 if __name__ == "__main__" and "__file__" in globals():  # `python -m nanochat_nb.train`, not the notebook
