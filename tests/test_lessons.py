@@ -19,7 +19,7 @@ def test_lessons_have_a_parameters_cell():
 def test_lesson_runs_at_the_tiny_preset(lesson, tmp_path):
     out = tmp_path / lesson.name
     done = run_python("-m", "papermill", str(lesson), str(out), "-p", "preset", "tiny", "-k", "python3",
-                      "--cwd", str(REPO / "lessons"), timeout=900)
+                      "--cwd", str(REPO / "lessons"), env={"NANOCHAT_HOME": str(tmp_path / "home")}, timeout=900)
     assert done.returncode == 0, f"{lesson.name} failed:\n{done.stderr[-6000:]}"
     executed = json.loads(out.read_text())
     errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
