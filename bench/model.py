@@ -93,16 +93,14 @@ def main(argv=None):
     if args.depth is not None:
         print(json.dumps(run_one(args)))
         return
-    from nanochat_nb.common import compute_dtype, cpu_peak_flops, measure_matmul_flops, print_hardware_summary
+    from nanochat_nb.common import compute_dtype, measure_matmul_flops, print_hardware_summary
     print_hardware_summary()
     if args.threads:
         torch.set_num_threads(args.threads)
-    # MFU is against the matmul peak measured now, on an otherwise idle machine (common's cached figure can be
-    # stale: it is measured once, whatever else was running then)
+    # MFU is against the matmul peak measured now, on an otherwise idle machine
     dtype = compute_dtype("cpu")
     args.peak = measure_matmul_flops(dtype)
-    print(f"matmul peak ({dtype}, {torch.get_num_threads()} threads): {args.peak / 1e9:.1f} GFLOP/s measured now, "
-          f"{cpu_peak_flops(dtype) / 1e9:.1f} GFLOP/s cached by common.cpu_peak_flops")
+    print(f"matmul peak ({dtype}, {torch.get_num_threads()} threads): {args.peak / 1e9:.1f} GFLOP/s measured now")
     print(f"seq {args.seq}, batch {args.batch}, vocab {args.vocab}, compile {args.compile}, "
           f"optimizer {args.optimizer}, {args.steps} timed steps after {args.warmup} warm-up")
     header = f"{'depth':>5} {'dtype':>8} {'tok/s':>8} {'best':>8} {'step s':>7} {'GFLOP/s':>8} {'MFU':>6} {'peak RSS':>9} {'warm-up':>8}"

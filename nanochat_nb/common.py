@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import datetime
+import functools
 import json
 import os
 import platform
@@ -267,16 +268,21 @@ def gpu_peak_flops(name: str) -> float | None:
     return None
 
 
-def measure_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048, tries: int = 5) -> float:
-    "Best observed FLOP/s of an n x n matmul on the CPU, in `dtype`."
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(tries):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, max_n: int = 2048, min_seconds: float = 0.05,
+                         tries: int = 5) -> float:
+    "Best observed FLOP/s of a square matmul on the CPU in `dtype`, the size doubled from 256 until timing is solid."
+    n = 256
+    while True:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(tries):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        if n >= max_n or best >= min_seconds:
+            return 2 * n**3 / best
+        n *= 2
 
 
 def cpu_name() -> str:
@@ -289,15 +295,10 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
 def cpu_peak_flops(dtype: torch.dtype = torch.float32) -> float:
-    "Measured matmul peak of this CPU in `dtype`, cached in the home folder."
-    key = f"{cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
-    cache = nanochat_home() / "cpu_peak_flops.json"
-    table = json.loads(cache.read_text()) if cache.is_file() else {}
-    if key not in table:
-        table[key] = measure_matmul_flops(dtype)
-        cache.write_text(json.dumps(table, indent=1))
-    return table[key]
+    "This CPU's matmul peak in `dtype` with the current thread count, measured once per process."
+    return measure_matmul_flops(dtype)
 
 
 def peak_flops(device: torch.device | str, dtype: torch.dtype | None = None) -> float:
