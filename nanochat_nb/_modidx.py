@@ -455,7 +455,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'nanochat_nb.train.build_model': ('train.html#build_model', 'nanochat_nb/train.py'),
                                    'nanochat_nb.train.build_parser': ('train.html#build_parser', 'nanochat_nb/train.py'),
                                    'nanochat_nb.train.check_compatible': ('train.html#check_compatible', 'nanochat_nb/train.py'),
-                                   'nanochat_nb.train.checkpoint_steps': ('train.html#checkpoint_steps', 'nanochat_nb/train.py'),
                                    'nanochat_nb.train.default_run_dir': ('train.html#default_run_dir', 'nanochat_nb/train.py'),
                                    'nanochat_nb.train.derive_plan': ('train.html#derive_plan', 'nanochat_nb/train.py'),
                                    'nanochat_nb.train.describe_plan': ('train.html#describe_plan', 'nanochat_nb/train.py'),

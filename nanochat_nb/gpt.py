@@ -600,11 +600,12 @@ def load_model_state(model: nn.Module, state_dict: dict) -> nn.Module:
 
 # %% ../nbs/04_gpt.ipynb #99ca4d5b
 def checkpoint_steps(folder: str | Path) -> list[int]:
-    "The steps of the model_XXXXXX.pt files in a checkpoint folder, sorted."
+    "The steps of the complete checkpoints in `folder` (model and meta both written), sorted; [] if none."
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"Checkpoint folder {folder} does not exist: pass the folder holding model_XXXXXX.pt files.")
-    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(r"model_(\d+)\.pt", p.name)))
+        return []
+    steps = [int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(r"meta_(\d+)\.json", p.name))]
+    return sorted(s for s in steps if (folder / f"model_{s:06d}.pt").is_file())
 
 
 def config_from_meta(meta: dict) -> GPTConfig:
@@ -633,16 +634,16 @@ def load_nanochat_checkpoint(folder: str | Path, step: int | None = None, device
                              compute_dtype: torch.dtype | None = None) -> tuple[GPT, dict]:
     "Build the GPT saved in a nanochat-format folder at `step` (None = latest); returns (model, meta)."
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Checkpoint folder {folder} does not exist: pass the folder holding model_XXXXXX.pt files.")
     steps = checkpoint_steps(folder)
     if not steps:
-        raise FileNotFoundError(f"No model_XXXXXX.pt in {folder}: train a model first or pass the right folder.")
+        raise FileNotFoundError(f"No checkpoint (model_XXXXXX.pt with its meta_XXXXXX.json) in {folder}: "
+                                "train a model first or pass the right folder.")
     step = steps[-1] if step is None else step
     if step not in steps:
         raise FileNotFoundError(f"No checkpoint for step {step} in {folder}; it has steps {steps}.")
-    meta_path = folder / f"meta_{step:06d}.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} is missing: a checkpoint needs its meta JSON beside model_{step:06d}.pt.")
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads((folder / f"meta_{step:06d}.json").read_text())
     with torch.device("meta"):
         model = GPT(config_from_meta(meta), compute_dtype=compute_dtype)
     state = torch.load(folder / f"model_{step:06d}.pt", map_location=device, weights_only=True)

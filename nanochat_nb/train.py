@@ -15,7 +15,6 @@ import math
 import os
 import pickle
 import random
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,19 +30,19 @@ from tqdm.auto import tqdm
 from .common import (RunLogger, cleanup_distributed, compute_dtype, init_distributed, nanochat_home,
                                 parse_args_with_preset, peak_flops, print0, seed_everything)
 from .dataloader import BestFitLoader
-from .gpt import GPT, PAD_VOCAB_TO, GPTConfig, load_model_state
+from .gpt import GPT, PAD_VOCAB_TO, GPTConfig, checkpoint_steps, load_model_state
 from .optim import setup_optimizer
 from .tokenizer import load_token_bytes, load_tokenizer
 
 # %% auto #0
 __all__ = ['REF_DEPTH', 'REF_BATCH', 'BATCH_EXPONENT', 'MOMENTUM_WARMUP_STEPS', 'BASE_LRS', 'WIDTH_SCALED', 'BATCH_UNSCALED',
-           'CHECKPOINT_FILE', 'SAMPLE_PROMPTS', 'VAL_CACHE_BYTES', 'CPU_COMPILE_MIN_STEPS', 'ASSUMED_MFU',
-           'USER_ERRORS', 'model_shape', 'value_embedding_layers', 'scaling_params', 'window_sizes', 'flops_per_token',
-           'PlanError', 'TrainPlan', 'auto_batch_size', 'scaled_lrs', 'derive_plan', 'checkpoint_steps',
-           'save_checkpoint', 'load_checkpoint', 'rng_state', 'set_rng_state', 'CheckpointMismatch', 'check_compatible',
-           'build_parser', 'plan_from_args', 'describe_plan', 'ResumableBatches', 'TrainingDiverged', 'LoopState',
-           'default_run_dir', 'build_model', 'use_compile', 'device_peak_flops', 'evaluate_val', 'Progress', 'Trainer',
-           'measure_step_seconds', 'dry_run', 'train', 'main']
+           'SAMPLE_PROMPTS', 'VAL_CACHE_BYTES', 'CPU_COMPILE_MIN_STEPS', 'ASSUMED_MFU', 'USER_ERRORS', 'model_shape',
+           'value_embedding_layers', 'scaling_params', 'window_sizes', 'flops_per_token', 'PlanError', 'TrainPlan',
+           'auto_batch_size', 'scaled_lrs', 'derive_plan', 'save_checkpoint', 'load_checkpoint', 'rng_state',
+           'set_rng_state', 'CheckpointMismatch', 'check_compatible', 'build_parser', 'plan_from_args', 'describe_plan',
+           'ResumableBatches', 'TrainingDiverged', 'LoopState', 'default_run_dir', 'build_model', 'use_compile',
+           'device_peak_flops', 'evaluate_val', 'Progress', 'Trainer', 'measure_step_seconds', 'dry_run', 'train',
+           'main']
 
 # %% ../nbs/06_train.ipynb #05037136
 def model_shape(depth: int, aspect_ratio: int = 64, head_dim: int = 128) -> tuple[int, int]:
@@ -249,9 +248,6 @@ def derive_plan(depth: int, vocab_size: int = 32768, *, max_seq_len: int = 2048,
         warmup_steps=warmup_steps, warmdown_ratio=warmdown_ratio, final_lr_frac=final_lr_frac)
 
 # %% ../nbs/06_train.ipynb #9b85b3bc
-CHECKPOINT_FILE = re.compile(r"^meta_(\d{6,})\.json$")
-
-
 def _atomic_write(path: Path, write):
     "Write a file through `write(f)` under a temporary name, fsync it, then rename it into place."
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -269,15 +265,6 @@ def _atomic_write(path: Path, write):
 def _barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def checkpoint_steps(folder: str | Path) -> list[int]:
-    "The steps of the complete checkpoints in `folder` (meta and model written), in increasing order."
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    steps = [int(m.group(1)) for m in map(CHECKPOINT_FILE.match, os.listdir(folder)) if m]
-    return sorted(s for s in steps if (folder / f"model_{s:06d}.pt").is_file())
 
 
 def save_checkpoint(folder: str | Path, step: int, model_state: dict, optim_state: dict | None, meta: dict,
