@@ -24,9 +24,11 @@ def peak_rss_gb() -> float:
 
 
 def run_one(args) -> dict:
-    from nanochat_nb.common import compute_dtype, peak_flops
+    from nanochat_nb.common import compute_dtype, keep_freed_memory, peak_flops
     from nanochat_nb.gpt import GPT, GPTConfig, native_softcap_ce
 
+    if args.keep_freed_memory:  # as training does (common.init_distributed)
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -89,6 +91,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--optimizer", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="malloc keeps freed blocks (as in training); --no-keep-freed-memory: glibc's defaults")
     args = parser.parse_args(argv)
     if args.depth is not None:
         print(json.dumps(run_one(args)))
@@ -102,14 +106,16 @@ def main(argv=None):
     args.peak = measure_matmul_flops(dtype)
     print(f"matmul peak ({dtype}, {torch.get_num_threads()} threads): {args.peak / 1e9:.1f} GFLOP/s measured now")
     print(f"seq {args.seq}, batch {args.batch}, vocab {args.vocab}, compile {args.compile}, "
-          f"optimizer {args.optimizer}, {args.steps} timed steps after {args.warmup} warm-up")
+          f"optimizer {args.optimizer}, keep freed memory {args.keep_freed_memory}, "
+          f"{args.steps} timed steps after {args.warmup} warm-up")
     header = f"{'depth':>5} {'dtype':>8} {'tok/s':>8} {'best':>8} {'step s':>7} {'GFLOP/s':>8} {'MFU':>6} {'peak RSS':>9} {'warm-up':>8}"
     print(header)
     for depth in args.depths:
         cmd = [sys.executable, __file__, "--depth", str(depth), "--seq", str(args.seq), "--batch", str(args.batch),
                "--vocab", str(args.vocab), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--threads", str(args.threads), "--peak", str(args.peak), "--compile" if args.compile else "--no-compile",
-               "--optimizer" if args.optimizer else "--no-optimizer"]
+               "--optimizer" if args.optimizer else "--no-optimizer",
+               "--keep-freed-memory" if args.keep_freed_memory else "--no-keep-freed-memory"]
         out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         if out.returncode != 0:
             print(f"depth {depth} failed:\n{out.stderr[-3000:]}")

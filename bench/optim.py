@@ -1,11 +1,17 @@
-"""Cost of one optimizer step on the GPT at depth 4 (the `cpu` preset's model): eager against torch.compile,
-and how much of it is Polar Express. Run under the exclusive lock:  flock -x /tmp/cpu.lock python bench/optim.py"""
+"""Cost of one optimizer step on the GPT (depth 4, the `cpu` preset's model, by default): eager against
+torch.compile, and how much of it is Polar Express, for each stack of matrices in the Gram form that
+`polar_express` takes for wide matrices and in the direct form. Run under the exclusive lock:
+
+    flock -x /tmp/cpu.lock python bench/optim.py [--depth 6]
+"""
+import argparse
 import time
 
 import torch
 
 from nanochat_nb.gpt import GPT, GPTConfig
-from nanochat_nb.optim import polar_express, setup_optimizer
+from nanochat_nb.common import keep_freed_memory
+from nanochat_nb.optim import POLAR_EXPRESS_COEFFS, polar_express, setup_optimizer
 
 
 def step_time(optimizer, params, repeat: int = 5) -> float:
@@ -22,7 +28,31 @@ def step_time(optimizer, params, repeat: int = 5) -> float:
     return best
 
 
-def main(depth: int = 4):
+def best_seconds(fn, *args, repeat: int = 3) -> float:
+    fn(*args)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def polar_express_direct(G: torch.Tensor) -> torch.Tensor:
+    "The five rounds on the matrices themselves, for comparison with `polar_express`'s Gram form."
+    X = G / (G.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
+    X = X.mT if X.size(-2) > X.size(-1) else X
+    for a, b, c in POLAR_EXPRESS_COEFFS:
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=4)
+    depth = parser.parse_args().depth
+    keep_freed_memory()  # as in training
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_depth(depth, vocab_size=32768, sequence_len=512)).init_weights()
     params = list(model.parameters())
@@ -34,10 +64,9 @@ def main(depth: int = 4):
     for group in eager.param_groups:
         if group["kind"] == "muon":
             stack = torch.randn(len(group["params"]), *group["params"][0].shape)
-            polar_express(stack)
-            start = time.perf_counter()
-            polar_express(stack)
-            pe += time.perf_counter() - start
+            used, direct = best_seconds(polar_express, stack), best_seconds(polar_express_direct, stack)
+            pe += used
+            print(f"  Polar Express on {tuple(stack.shape)}: {used * 1e3:6.1f} ms (direct form {direct * 1e3:6.1f} ms)")
     print(f"  of which Polar Express: {pe * 1e3:7.1f} ms")
     start = time.perf_counter()
     compiled = setup_optimizer(model, compile=True)

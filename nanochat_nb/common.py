@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import ctypes
 import datetime
 import functools
 import json
@@ -24,12 +25,12 @@ import torch
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['REPO_ROOT', 'DATA_LAYOUT', 'DTYPES', 'GPU_PEAK_BF16_FLOPS', 'nanochat_home', 'default_data_dir', 'data_dir',
-           'settings_path', 'preset_names', 'load_preset', 'parse_args_with_preset', 'autodetect_device_type',
-           'compute_dtype', 'DistInfo', 'dist_env', 'is_main_process', 'print0', 'init_distributed',
-           'cleanup_distributed', 'seed_everything', 'RunLogger', 'read_log', 'gpu_peak_flops', 'measure_matmul_flops',
-           'cpu_name', 'cpu_peak_flops', 'peak_flops', 'git_commit', 'hardware_summary', 'print_hardware_summary',
-           'stage_command', 'run_module']
+__all__ = ['REPO_ROOT', 'DATA_LAYOUT', 'DTYPES', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'GPU_PEAK_BF16_FLOPS', 'nanochat_home',
+           'default_data_dir', 'data_dir', 'settings_path', 'preset_names', 'load_preset', 'parse_args_with_preset',
+           'autodetect_device_type', 'compute_dtype', 'keep_freed_memory', 'DistInfo', 'dist_env', 'is_main_process',
+           'print0', 'init_distributed', 'cleanup_distributed', 'seed_everything', 'RunLogger', 'read_log',
+           'gpu_peak_flops', 'measure_matmul_flops', 'cpu_name', 'cpu_peak_flops', 'peak_flops', 'git_commit',
+           'hardware_summary', 'print_hardware_summary', 'stage_command', 'run_module']
 
 # %% ../nbs/00_common.ipynb #3658c07c
 REPO_ROOT = Path(__file__).resolve().parent.parent if "__file__" in globals() else Path.cwd().parent
@@ -155,6 +156,18 @@ def compute_dtype(device_type: str | None = None) -> torch.dtype:
     return torch.float32
 
 # %% ../nbs/00_common.ipynb #94788747
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+
+
+def keep_freed_memory(max_block: int = 2**31 - 1) -> bool:
+    "Make glibc's malloc keep freed blocks up to `max_block` bytes for reuse; True if it took effect."
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, max_block) and mallopt(M_TRIM_THRESHOLD, max_block))
+
+# %% ../nbs/00_common.ipynb #edb64d6d
 @dataclass
 class DistInfo:
     "Where this process stands in a (possibly one-process) run."
@@ -189,7 +202,9 @@ def print0(*args, **kwargs):
 
 
 def init_distributed(device_type: str | None = None) -> DistInfo:
-    "Join torchrun's process group if there is one, and return this process's rank, world size and device."
+    """Join torchrun's process group if there is one, and return this process's rank, world size and device.
+    Every stage starts here, so this is also where malloc is told to keep freed memory (`keep_freed_memory`)."""
+    keep_freed_memory()
     device_type = device_type or autodetect_device_type()
     rank, local_rank, world_size = dist_env()
     if device_type == "cuda":
@@ -211,7 +226,7 @@ def cleanup_distributed():
         dist.barrier()
         dist.destroy_process_group()
 
-# %% ../nbs/00_common.ipynb #2fdeca8a
+# %% ../nbs/00_common.ipynb #f4c7c291
 def seed_everything(seed: int):
     "Seed Python's, NumPy's and PyTorch's (CPU and CUDA) generators."
     random.seed(seed)
@@ -220,7 +235,7 @@ def seed_everything(seed: int):
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
 
-# %% ../nbs/00_common.ipynb #f4c7c291
+# %% ../nbs/00_common.ipynb #b76883d2
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
@@ -252,7 +267,7 @@ def read_log(path: str | Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
-# %% ../nbs/00_common.ipynb #b76883d2
+# %% ../nbs/00_common.ipynb #6f4cd78b
 GPU_PEAK_BF16_FLOPS = {  # dense, no sparsity; matched against torch.cuda.get_device_name()
     "GH200": 989e12, "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "H800": 989e12,
     "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12,
@@ -310,7 +325,7 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype | None = None) -> 
         return cpu_peak_flops(dtype or compute_dtype("cpu"))
     return float("nan")
 
-# %% ../nbs/00_common.ipynb #6f4cd78b
+# %% ../nbs/00_common.ipynb #3660350f
 def git_commit() -> str:
     "The repository's commit (with '+dirty' if it has uncommitted changes), or 'unknown'."
     def git(*args):
@@ -351,7 +366,7 @@ def print_hardware_summary():
     for key, value in hardware_summary().items():
         print0(f"{key:>14}: {value}")
 
-# %% ../nbs/00_common.ipynb #3660350f
+# %% ../nbs/00_common.ipynb #b90f64e7
 def stage_command(module: str, *args: str, nproc: int = 1) -> list[str]:
     "The command line that runs `python -m module args` (under torchrun with `nproc` processes if > 1)."
     launcher = [sys.executable]

@@ -29,10 +29,11 @@ from .common import compute_dtype as default_compute_dtype, cpu_name, nanochat_h
 # %% auto #0
 __all__ = ['ROTARY_BASE', 'VE_GATE_CHANNELS', 'QK_SCALE', 'SOFTCAP', 'LOSS_CHUNK_ROWS', 'SOFTCAP_CE_C', 'SMEAR_CHANNELS',
            'BACKOUT_INIT', 'PAD_VOCAB_TO', 'norm', 'Linear', 'rotary_tables', 'apply_rotary', 'MLP', 'window_sizes',
-           'window_mask', 'sdpa_attention', 'naive_attention', 'flash_attention_3', 'attention', 'has_value_embed',
-           'CausalSelfAttention', 'Block', 'native_softcap_ce', 'softcap_logits', 'softcap_ce_rows_',
-           'softcap_cross_entropy', 'GPTConfig', 'KVCache', 'smear', 'GPT', 'check_state_dict', 'load_model_state',
-           'checkpoint_steps', 'config_from_meta', 'save_model_checkpoint', 'load_nanochat_checkpoint']
+           'window_mask', 'block_window_mask', 'block_window_attention', 'sdpa_attention', 'naive_attention',
+           'flash_attention_3', 'attention', 'has_value_embed', 'CausalSelfAttention', 'Block', 'native_softcap_ce',
+           'softcap_logits', 'softcap_ce_', 'softcap_cross_entropy', 'GPTConfig', 'KVCache', 'smear', 'GPT',
+           'check_state_dict', 'load_model_state', 'checkpoint_steps', 'config_from_meta', 'save_model_checkpoint',
+           'load_nanochat_checkpoint']
 
 # %% ../nbs/04_gpt.ipynb #7b48d472
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +102,35 @@ def window_mask(q_len: int, k_len: int, window: int, device=None) -> torch.Tenso
 _cached_window_mask = functools.lru_cache(maxsize=32)(window_mask)
 
 
+def block_window_mask(window: int, n_blocks: int, device=None) -> torch.Tensor:
+    "(n_blocks, w, 2w) mask of `block_window_attention`: query r of a block sees keys r … r + w of [previous, own]."
+    rows = torch.arange(window, device=device)[:, None]
+    cols = torch.arange(2 * window, device=device)[None, :]
+    mask = ((cols >= rows) & (cols <= rows + window)).expand(n_blocks, window, 2 * window).clone()
+    mask[0, :, :window] = False  # the first block has no previous block
+    return mask
+
+
+_cached_block_window_mask = functools.lru_cache(maxsize=32)(block_window_mask)
+
+
+def block_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    "Sliding-window self-attention for T a multiple of the window: blocks of w queries against 2w keys each."
+    B, H, T, D = q.shape
+    if k.size(1) != H:
+        k, v = (t.repeat_interleave(H // k.size(1), dim=1) for t in (k, v))
+    n = T // window
+
+    def with_previous_block(t):  # (B, H, T, D) -> (B, H, n, 2w, D)
+        blocks = t.view(B, H, n, window, D)
+        return torch.cat([F.pad(blocks, (0, 0, 0, 0, 1, 0))[:, :, :-1], blocks], dim=3)
+
+    build = block_window_mask if torch.compiler.is_compiling() else _cached_block_window_mask
+    out = F.scaled_dot_product_attention(q.view(B, H, n, window, D), with_previous_block(k), with_previous_block(v),
+                                         attn_mask=build(window, n, q.device))
+    return out.view(B, H, T, D)
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
     "Causal sliding-window attention with SDPA; q (B, H, Tq, D), k and v (B, Hkv, Tk, D), queries last in time."
     q_len, k_len = q.size(2), k.size(2)
@@ -110,6 +140,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     if q_len == 1:  # decode: keep the last window + 1 keys, no mask needed
         start = max(0, k_len - window - 1)
         return F.scaled_dot_product_attention(q, k[:, :, start:], v[:, :, start:], enable_gqa=gqa)
+    if q_len == k_len and 0 < window and q_len % window == 0:
+        return block_window_attention(q, k, v, window)
     # eager: reuse the mask between layers and steps; compiled: build it in the graph (no graph break)
     build = window_mask if torch.compiler.is_compiling() else _cached_window_mask
     mask = build(q_len, k_len, window, q.device)
@@ -213,32 +245,58 @@ LOSS_CHUNK_ROWS = 512
 SOFTCAP_CE_C = r"""
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
-/* In place, row by row: fp32 logits -> scale * d(loss)/d(logits) of the cross-entropy of cap*tanh(logits/cap),
-   and the loss of each row. Targets < 0 are ignored (loss 0, gradient 0). */
-void softcap_ce_rows(float *logits, const int64_t *targets, float *losses, int64_t n, int64_t vocab,
-                     int64_t stride, float cap, float scale, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < n; r++) {
-        float *row = logits + r * stride;
-        int64_t t = targets[r];
-        if (t < 0) { memset(row, 0, vocab * sizeof(float)); losses[r] = 0.0f; continue; }
-        float inv_cap = 1.0f / cap, sum = 0.0f;
-        #pragma omp simd reduction(+:sum)
-        for (int64_t j = 0; j < vocab; j++) {  /* sweep 1: tanh in place, sum of exp(softcapped logit) */
-            float th = tanhf(row[j] * inv_cap);
-            row[j] = th;
-            sum += expf(cap * th);
+#include <stdlib.h>
+/* logits is vocab-major, (vocab, n): logits[v * n + j] is token j's logit for v. In place: fp32 logits ->
+   scale * d(loss)/d(logits) of the cross-entropy of cap*tanh(logits/cap); each token's loss into losses.
+   Targets < 0 are ignored (loss 0, gradient 0). */
+void softcap_ce(float *logits, const int64_t *targets, float *losses, int64_t n, int64_t vocab,
+                float cap, float scale, int threads) {
+    double *sums = calloc(n, sizeof(double));
+    float *p_scale = malloc(n * sizeof(float)), *th_target = malloc(n * sizeof(float));
+    const float inv_cap = 1.0f / cap;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *block = calloc(n, sizeof(float));  /* fp32 sums over 256 rows, then added in fp64 */
+        double *partial = calloc(n, sizeof(double));
+        #pragma omp for schedule(static)
+        for (int64_t v0 = 0; v0 < vocab; v0 += 256) {  /* sweep 1: tanh in place, sums of exp(softcapped) */
+            for (int64_t v = v0; v < v0 + 256 && v < vocab; v++) {
+                float *row = logits + v * n;
+                #pragma omp simd
+                for (int64_t j = 0; j < n; j++) {
+                    float z = row[j] * inv_cap, e = expf(-2.0f * fabsf(z));  /* e <= 1: no overflow */
+                    float th = copysignf((1.0f - e) / (1.0f + e), z);          /* tanh(z); NaN stays NaN */
+                    row[j] = th;
+                    block[j] += expf(cap * th);
+                }
+            }
+            for (int64_t j = 0; j < n; j++) { partial[j] += block[j]; block[j] = 0.0f; }
         }
-        float th_t = row[t], p_scale = scale / sum;
-        losses[r] = logf(sum) - cap * th_t;
-        #pragma omp simd
-        for (int64_t j = 0; j < vocab; j++) {  /* sweep 2: (softmax - onehot) * dsoftcap/dlogit */
-            float th = row[j];
-            row[j] = expf(cap * th) * p_scale * (1.0f - th * th);
+        #pragma omp critical
+        for (int64_t j = 0; j < n; j++) sums[j] += partial[j];
+        free(block); free(partial);
+        #pragma omp barrier
+        #pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; j++) {
+            int64_t t = targets[j];
+            if (t < 0) { losses[j] = 0.0f; p_scale[j] = 0.0f; th_target[j] = 0.0f; continue; }
+            th_target[j] = logits[t * n + j];
+            losses[j] = (float)log(sums[j]) - cap * th_target[j];
+            p_scale[j] = (float)(scale / sums[j]);
         }
-        row[t] -= scale * (1.0f - th_t * th_t);
+        #pragma omp for schedule(static)
+        for (int64_t v = 0; v < vocab; v++) {  /* sweep 2: softmax * dsoftcap/dlogit */
+            float *row = logits + v * n;
+            #pragma omp simd
+            for (int64_t j = 0; j < n; j++) {
+                float th = row[j];
+                row[j] = expf(cap * th) * p_scale[j] * (1.0f - th * th);
+            }
+        }
     }
+    for (int64_t j = 0; j < n; j++)  /* minus the one-hot target, times dsoftcap/dlogit */
+        if (targets[j] >= 0) logits[targets[j] * n + j] -= scale * (1.0f - th_target[j] * th_target[j]);
+    free(sums); free(p_scale); free(th_target);
 }
 """
 
@@ -264,8 +322,8 @@ def native_softcap_ce():
             warnings.warn(f"Could not compile the softcap cross-entropy kernel, using PyTorch ops:\n{built.stderr[-500:]}")
             return None
         os.replace(partial, path)  # atomic: concurrent builds never see a half-written library
-    kernel = ctypes.CDLL(str(path)).softcap_ce_rows
-    kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_float, ctypes.c_int]
+    kernel = ctypes.CDLL(str(path)).softcap_ce
+    kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_float, ctypes.c_int]
     kernel.restype = None
     return kernel
 
@@ -275,49 +333,43 @@ def softcap_logits(logits: torch.Tensor, softcap: float = SOFTCAP) -> torch.Tens
     return softcap * torch.tanh(logits.float() / softcap)
 
 
-def _softcap_ce_rows_torch(logits, targets, losses, softcap, scale):
-    "PyTorch version of the C kernel: same results, in place on a chunk of logits."
-    tanh = torch.tanh(logits.float() / softcap)
+def _softcap_ce_torch(logits, targets, losses, softcap, scale):
+    "PyTorch version of the C kernel: same results, in place on vocab-major logits (V, N)."
+    tanh = torch.tanh(logits / softcap)
     z = tanh * softcap
-    lse = torch.logsumexp(z, dim=-1)
+    lse = torch.logsumexp(z, dim=0)
     valid = targets >= 0
-    safe = targets.clamp(min=0)[:, None]
-    losses.copy_((lse - z.gather(1, safe).squeeze(1)) * valid)
-    grad = z.sub_(lse[:, None]).exp_().scatter_add_(1, safe, -torch.ones_like(tanh[:, :1]))
-    grad.mul_(tanh.square_().neg_().add_(1.0)).mul_(valid[:, None] * scale)
+    safe = targets.clamp(min=0)[None, :]
+    losses.copy_((lse - z.gather(0, safe).squeeze(0)) * valid)
+    grad = z.sub_(lse[None, :]).exp_().scatter_add_(0, safe, -torch.ones_like(tanh[:1]))
+    grad.mul_(tanh.square_().neg_().add_(1.0)).mul_(valid[None, :] * scale)
     logits.copy_(grad)
 
 
-def softcap_ce_rows_(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, softcap: float = SOFTCAP,
-                     scale: float = 1.0):
-    "Turn a chunk of logits (n, V) into scale x d(loss)/d(logits) in place; write each row's loss into `losses`."
+def softcap_ce_(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, softcap: float = SOFTCAP,
+                scale: float = 1.0):
+    """Turn vocab-major fp32 logits (V, N) into scale x d(loss)/d(logits) in place; write each token's loss
+    into `losses` (N,)."""
     kernel = native_softcap_ce() if logits.device.type == "cpu" else None
-    if kernel is not None and logits.dtype == torch.float32 and logits.stride(1) == 1:
+    if kernel is not None and logits.dtype == torch.float32 and logits.is_contiguous():
         targets = targets.contiguous()
-        kernel(logits.data_ptr(), targets.data_ptr(), losses.data_ptr(), logits.size(0), logits.size(1),
-               logits.stride(0), softcap, scale, torch.get_num_threads())
+        kernel(logits.data_ptr(), targets.data_ptr(), losses.data_ptr(), logits.size(1), logits.size(0),
+               softcap, scale, torch.get_num_threads())
     else:
-        _softcap_ce_rows_torch(logits, targets, losses, softcap, scale)
+        _softcap_ce_torch(logits, targets, losses, softcap, scale)
 
 
 class _FusedSoftcapCrossEntropy(torch.autograd.Function):
-    "lm_head + softcap + cross-entropy whose forward pass also computes d(loss)/d(logits), chunk by chunk."
+    "lm_head + softcap + cross-entropy whose forward pass also computes d(loss)/d(logits), vocab-major."
 
     @staticmethod
     def forward(ctx, x, weight, targets, softcap, reduction):
         w = weight.to(x.dtype)
         count = int((targets >= 0).sum()) if reduction == "mean" else 1
         scale = 1.0 / max(count, 1)
-        grad_logits = torch.empty(x.size(0), w.size(0), dtype=torch.float32, device=x.device)
+        grad_logits = (w @ x.t()).float()  # (V, N): the logits, soon their gradient (a no-op cast in fp32)
         losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
-        for start in range(0, x.size(0), LOSS_CHUNK_ROWS):
-            rows = slice(start, start + LOSS_CHUNK_ROWS)
-            chunk = grad_logits[rows]
-            if x.dtype == torch.float32:
-                torch.mm(x[rows], w.t(), out=chunk)  # the logits land where their gradient will be
-            else:
-                chunk.copy_(x[rows] @ w.t())
-            softcap_ce_rows_(chunk, targets[rows], losses[rows], softcap, scale)
+        softcap_ce_(grad_logits, targets, losses, softcap, scale)
         ctx.save_for_backward(x, w, grad_logits.to(x.dtype))
         ctx.weight_dtype = weight.dtype
         return losses.sum() * scale
@@ -327,17 +379,17 @@ class _FusedSoftcapCrossEntropy(torch.autograd.Function):
         x, w, grad_logits = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_logits @ w).mul_(grad_loss.to(x.dtype))
+            grad_x = (grad_logits.t() @ w).mul_(grad_loss.to(x.dtype))
         if ctx.needs_input_grad[1]:
-            grad_w = (grad_logits.t() @ x).mul_(grad_loss.to(x.dtype)).to(ctx.weight_dtype)
+            grad_w = (grad_logits @ x).mul_(grad_loss.to(x.dtype)).to(ctx.weight_dtype)
         return grad_x, grad_w, None, None, None
 
 
 @torch.compiler.disable
 def softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           softcap: float = SOFTCAP, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of softcap(x @ weightᵀ) against targets (-1 = ignore), never holding more than one chunk of
-    logits besides their gradient. x is (N, C) in the compute dtype, weight (V, C), targets (N,)."""
+    """Cross-entropy of softcap(x @ weightᵀ) against targets (-1 = ignore). x is (N, C) in the compute dtype,
+    weight (V, C), targets (N,). Without gradients, it holds one chunk of logits at a time."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"loss_reduction {reduction!r} must be 'mean', 'sum' or 'none'.")
     if reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 # %% auto #0
 __all__ = ['POLAR_EXPRESS_COEFFS', 'ADAMW_DEFAULTS', 'MUON_DEFAULTS', 'ADAMW_GROUPS', 'frobenius_norm', 'row_equilibrate',
-           'polar_express', 'normalise_second_moment_', 'cautious_update_', 'muon_step_', 'adamw_step_', 'MuonAdamW',
-           'param_group_name', 'setup_optimizer', 'describe_param_groups', 'DistMuonAdamW']
+           'polar_express', 'polar_express_gram', 'normalise_second_moment_', 'cautious_update_', 'muon_step_',
+           'adamw_step_', 'MuonAdamW', 'param_group_name', 'setup_optimizer', 'describe_param_groups', 'DistMuonAdamW']
 
 # %% ../nbs/05_optim.ipynb #49b2b5b7
 POLAR_EXPRESS_COEFFS = (  # (a, b, c) of each round, for 5 rounds (Amsel et al. 2025, safety 2e-2, cushion 2)
@@ -44,13 +44,32 @@ def polar_express(G: Tensor, steps: int = 5) -> Tensor:
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide side, so that A is min(m, n) square
         X = X.mT
-    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
-        A = X @ X.mT
-        B = (A @ A).mul_(c).add_(A, alpha=b)  # b·A + c·A², in place on the fresh product
-        X = (B @ X).add_(X, alpha=a)          # a·X + B·X
+    if X.size(-1) >= 2 * X.size(-2):
+        X = polar_express_gram(X, steps)
+    else:
+        for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+            A = X @ X.mT
+            B = (A @ A).mul_(c).add_(A, alpha=b)  # b·A + c·A², in place on the fresh product
+            X = (B @ X).add_(X, alpha=a)          # a·X + B·X
     return X.mT if tall else X
 
-# %% ../nbs/05_optim.ipynb #325f71aa
+
+def polar_express_gram(X: Tensor, steps: int = 5) -> Tensor:
+    """The same rounds for a wide X (..., m, n), computed on m x m matrices: each round multiplies X on the
+    left by P = a·I + b·A + c·A² with A = X Xᵀ, so after k rounds X = Q X₀ with Q = P_k ⋯ P_1, and the next A
+    is P A P. Only the first Gram matrix and the final Q X₀ touch the long side."""
+    A = X @ X.mT
+    eye = torch.eye(A.size(-1), dtype=A.dtype, device=A.device)
+    Q = None
+    coeffs = POLAR_EXPRESS_COEFFS[:steps]
+    for i, (a, b, c) in enumerate(coeffs):
+        P = (A @ A).mul_(c).add_(A, alpha=b).add_(eye, alpha=a)
+        Q = P if Q is None else P @ Q
+        if i < len(coeffs) - 1:
+            A = P @ A @ P
+    return X if Q is None else Q @ X
+
+# %% ../nbs/05_optim.ipynb #bb3f0c63
 def normalise_second_moment_(update: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
     """NorMuon: divide each row (each column, for a wide matrix) of `update` by the root of its running mean
     square, kept factored in `second_moment` (updated in place), then restore the update's Frobenius norm."""
@@ -78,7 +97,7 @@ def muon_step_(params: Tensor, grads: Tensor, momentum_buffer: Tensor, second_mo
     update = normalise_second_moment_(update, second_moment, beta2)
     cautious_update_(params, update, lr, weight_decay)
 
-# %% ../nbs/05_optim.ipynb #bb3f0c63
+# %% ../nbs/05_optim.ipynb #9835299b
 def adamw_step_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, *, step,
                 lr, beta1, beta2, eps, weight_decay):
     "One AdamW step on `param`, in place (with its two moment buffers); `step` counts from 1."
@@ -89,7 +108,7 @@ def adamw_step_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
     update = torch.div(exp_avg, update, out=update).mul_(lr / (1 - beta1 ** step))
     param.sub_(update)
 
-# %% ../nbs/05_optim.ipynb #6688c045
+# %% ../nbs/05_optim.ipynb #e140558e
 ADAMW_DEFAULTS = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
 MUON_DEFAULTS = dict(momentum=0.95, beta2=0.9, ns_steps=5, weight_decay=0.0)
 
@@ -211,7 +230,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 torch._foreach_copy_(params, list(stacked.unbind(0)))
         return loss
 
-# %% ../nbs/05_optim.ipynb #6b05eb56
+# %% ../nbs/05_optim.ipynb #02b5a311
 ADAMW_GROUPS = {  # name: (base-lr argument, width scaled, batch scaled, betas (None: adam_betas), weight decay)
     "lm_head": ("unembedding_lr", True, True, (None, 0.96), 0.01),
     "wte": ("embedding_lr", True, True, (None, 0.995), 0.001),
@@ -287,7 +306,7 @@ def describe_param_groups(optimizer: torch.optim.Optimizer) -> str:
                      f"lr {g['lr']:.5f} wd {g['weight_decay']:.3g}")
     return "\n".join(lines)
 
-# %% ../nbs/05_optim.ipynb #4d162dff
+# %% ../nbs/05_optim.ipynb #0e7cbcd2
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)  # torch >= 2.13 names
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 

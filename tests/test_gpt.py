@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from nanochat_nb import gpt as gpt_module
-from nanochat_nb.gpt import (GPT, GPTConfig, KVCache, _softcap_ce_rows_torch, load_model_state,
+from nanochat_nb.gpt import (GPT, GPTConfig, KVCache, _softcap_ce_torch, load_model_state,
                              load_nanochat_checkpoint, naive_attention, native_softcap_ce, save_model_checkpoint,
-                             sdpa_attention, softcap_ce_rows_, softcap_cross_entropy, softcap_logits, window_sizes)
+                             sdpa_attention, softcap_ce_, softcap_cross_entropy, softcap_logits, window_sizes)
 
 TINY = dict(vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)
 
@@ -74,13 +74,23 @@ def test_kv_cache_refuses_to_overflow():
 
 @pytest.mark.parametrize("q_len,k_len,window,heads,kv_heads", [
     (16, 16, 100, 4, 4), (16, 16, 15, 4, 4), (16, 16, 3, 4, 2), (6, 16, 4, 4, 4), (1, 16, 5, 4, 1), (1, 16, 64, 2, 2),
-    (128, 128, 32, 2, 2),
+    (128, 128, 32, 2, 2), (96, 96, 32, 4, 2), (512, 512, 128, 2, 2),  # the last three: blocks of w queries
 ])
 def test_sdpa_matches_naive_attention(q_len, k_len, window, heads, kv_heads):
     g = torch.Generator().manual_seed(q_len * 1000 + window)
     q = torch.randn(2, heads, q_len, 16, generator=g)
     k, v = torch.randn(2, kv_heads, k_len, 16, generator=g), torch.randn(2, kv_heads, k_len, 16, generator=g)
     torch.testing.assert_close(sdpa_attention(q, k, v, window), naive_attention(q, k, v, window), atol=1e-5, rtol=1e-4)
+
+
+def test_block_window_attention_gradients_match_naive():
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 2, 256, 16, generator=g).requires_grad_() for _ in range(3))
+    out = torch.randn(2, 2, 256, 16, generator=g)
+    grads = torch.autograd.grad((sdpa_attention(q, k, v, 64) * out).sum(), (q, k, v))
+    expected = torch.autograd.grad((naive_attention(q, k, v, 64) * out).sum(), (q, k, v))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_window_sizes_follow_the_pattern():
@@ -135,17 +145,21 @@ def test_softcap_cross_entropy_paths_agree(native, monkeypatch):
         native_softcap_ce.cache_clear()
 
 
-def test_native_kernel_matches_torch_rows():
+def test_native_kernel_matches_torch():
     if native_softcap_ce() is None:
         pytest.skip("no C compiler on this machine")
-    logits = torch.randn(16, 3000) * 40  # saturating logits too
+    logits = torch.randn(3000, 16) * 40  # vocab-major (V, N), saturating logits too
+    logits[5, 0], logits[6, 1], logits[7, 2] = 1e4, -1e4, float("inf")  # far past the cap: tanh is ±1
+    logits[8, 4] = float("nan")  # a diverged model: its loss must say so
     targets = torch.randint(0, 3000, (16,))
     targets[3] = -1
     a, b, la, lb = logits.clone(), logits.clone(), torch.empty(16), torch.empty(16)
-    softcap_ce_rows_(a, targets, la, scale=0.25)
-    _softcap_ce_rows_torch(b, targets, lb, 15.0, 0.25)
-    torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
-    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-5)
+    softcap_ce_(a, targets, la, scale=0.25)
+    _softcap_ce_torch(b, targets, lb, 15.0, 0.25)
+    torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4, equal_nan=True)
+    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-5, equal_nan=True)
+    assert la.isnan().tolist() == [i == 4 for i in range(16)], "only the token with a NaN logit has a NaN loss"
+    assert (a[:, 3] == 0).all() and la[3] == 0, "an ignored target gets no loss and no gradient"
 
 
 def test_untrained_loss_is_ln_vocab_on_real_text(tokenizer, data_root):
