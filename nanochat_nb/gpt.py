@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .common import compute_dtype as default_compute_dtype, cpu_name, nanochat_home
 
 # %% auto #0
-__all__ = ['ROTARY_BASE', 'VE_GATE_CHANNELS', 'QK_SCALE', 'SOFTCAP', 'LOSS_CHUNK_ROWS', 'SOFTCAP_CE_C', 'SMEAR_CHANNELS',
+__all__ = ['ROTARY_BASE', 'VE_GATE_CHANNELS', 'QK_SCALE', 'SOFTCAP', 'LOSS_CHUNK_TOKENS', 'SOFTCAP_CE_C', 'SMEAR_CHANNELS',
            'BACKOUT_INIT', 'PAD_VOCAB_TO', 'norm', 'Linear', 'rotary_tables', 'apply_rotary', 'MLP', 'window_sizes',
            'window_mask', 'block_window_mask', 'block_window_attention', 'sdpa_attention', 'naive_attention',
            'flash_attention_3', 'attention', 'has_value_embed', 'CausalSelfAttention', 'Block', 'native_softcap_ce',
@@ -240,7 +240,7 @@ class Block(nn.Module):
 
 # %% ../nbs/04_gpt.ipynb #e436e69b
 SOFTCAP = 15.0
-LOSS_CHUNK_ROWS = 512
+LOSS_CHUNK_TOKENS = 1024
 
 SOFTCAP_CE_C = r"""
 #include <math.h>
@@ -360,44 +360,55 @@ def softcap_ce_(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tenso
 
 
 class _FusedSoftcapCrossEntropy(torch.autograd.Function):
-    "lm_head + softcap + cross-entropy whose forward pass also computes d(loss)/d(logits), vocab-major."
+    "lm_head + softcap + cross-entropy whose forward pass computes the gradients too, a chunk of tokens at a time."
 
     @staticmethod
     def forward(ctx, x, weight, targets, softcap, reduction):
         w = weight.to(x.dtype)
         count = int((targets >= 0).sum()) if reduction == "mean" else 1
         scale = 1.0 / max(count, 1)
-        grad_logits = (w @ x.t()).float()  # (V, N): the logits, soon their gradient (a no-op cast in fp32)
         losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
-        softcap_ce_(grad_logits, targets, losses, softcap, scale)
-        ctx.save_for_backward(x, w, grad_logits.to(x.dtype))
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
+        for start in range(0, x.size(0), LOSS_CHUNK_TOKENS):
+            chunk = slice(start, start + LOSS_CHUNK_TOKENS)
+            grad_logits = (w @ x[chunk].t()).float()  # (V, n): the logits, soon their gradient
+            softcap_ce_(grad_logits, targets[chunk], losses[chunk], softcap, scale)
+            grad_logits = grad_logits.to(x.dtype)
+            if grad_x is not None:
+                torch.mm(grad_logits.t(), w, out=grad_x[chunk])
+            if grad_w is not None:
+                if x.dtype == torch.float32:
+                    grad_w.addmm_(grad_logits, x[chunk])
+                else:
+                    grad_w += grad_logits @ x[chunk]
+        ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return losses.sum() * scale
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, w, grad_logits = ctx.saved_tensors
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad_logits.t() @ w).mul_(grad_loss.to(x.dtype))
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad_logits @ x).mul_(grad_loss.to(x.dtype)).to(ctx.weight_dtype)
+        grad_x, grad_w = ctx.saved_tensors
+        if grad_x is not None:
+            grad_x = grad_x * grad_loss.to(grad_x.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_loss).to(ctx.weight_dtype)
         return grad_x, grad_w, None, None, None
 
 
 @torch.compiler.disable
 def softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           softcap: float = SOFTCAP, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of softcap(x @ weightᵀ) against targets (-1 = ignore). x is (N, C) in the compute dtype,
-    weight (V, C), targets (N,). Without gradients, it holds one chunk of logits at a time."""
+    """Cross-entropy of softcap(x @ weightᵀ) against targets (-1 = ignore), holding one chunk of logits at a
+    time. x is (N, C) in the compute dtype, weight (V, C), targets (N,)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"loss_reduction {reduction!r} must be 'mean', 'sum' or 'none'.")
     if reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _FusedSoftcapCrossEntropy.apply(x, weight, targets, softcap, reduction)
     w = weight.to(x.dtype)
-    losses = torch.cat([F.cross_entropy(softcap_logits(x[i:i + LOSS_CHUNK_ROWS] @ w.t(), softcap),
-                                        targets[i:i + LOSS_CHUNK_ROWS], ignore_index=-1, reduction="none")
-                        for i in range(0, x.size(0), LOSS_CHUNK_ROWS)])
+    losses = torch.cat([F.cross_entropy(softcap_logits(x[i:i + LOSS_CHUNK_TOKENS] @ w.t(), softcap),
+                                        targets[i:i + LOSS_CHUNK_TOKENS], ignore_index=-1, reduction="none")
+                        for i in range(0, x.size(0), LOSS_CHUNK_TOKENS)])
     if reduction == "none":
         return losses
     return losses.sum() / (targets >= 0).sum().clamp(min=1) if reduction == "mean" else losses.sum()
