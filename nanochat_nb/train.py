@@ -514,7 +514,7 @@ CPU_COMPILE_MIN_STEPS = 200
 
 def use_compile(choice: str, device: torch.device, plan: TrainPlan) -> bool:
     """Whether to torch.compile the model and the optimizer's update: `on`, `off`, or `auto`: always on CUDA;
-    on a CPU only for runs of 200+ steps (compiling costs 40-60 s at d4/d6 and saves ~10% of each step)."""
+    on a CPU only for runs of 200+ steps (compiling costs 40-60 s at d4/d6 from a cold cache, saves 5-10% a step)."""
     if choice != "auto":
         return choice == "on"
     return device.type == "cuda" or plan.num_iterations >= CPU_COMPILE_MIN_STEPS
