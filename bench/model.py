@@ -7,6 +7,11 @@ its own subprocess so that peak RSS is its own. Run it alone on the machine:
     flock -x /tmp/cpu.lock python bench/model.py                       # d4 and d6, seq 512, batch 8
     NANOCHAT_DTYPE=bf16 flock -x /tmp/cpu.lock python bench/model.py   # compute in bf16
     flock -x /tmp/cpu.lock python bench/model.py --no-compile --depths 4 --no-optimizer
+
+nanochat itself on this machine (its model and MuonAdamW, fp32, torch.compile, seq 512, batch 8; timed
+2026-11-21 with a copy outside this repository): d4 about 800 tok/s, d6 about 540 (1,170 and 625 with
+MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set, the equivalent of common.keep_freed_memory). SPEC.md's
+1440/760 were measured on a CPU with AVX-512; this one has AVX2 only.
 """
 import argparse
 import json

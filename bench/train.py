@@ -8,6 +8,11 @@ fp32, torch.compile): d4 ~1440 tok/s with 2.5 GB peak RSS, d6 ~760 tok/s; target
     flock -x /tmp/cpu.lock python bench/train.py                 # d4 and d6, compiled and eager, fp32
     flock -x /tmp/cpu.lock python bench/train.py --depths 4 --compile on --steps 20
     NANOCHAT_DTYPE=bf16 python bench/train.py ...                 # compare with nanochat's bf16 figures
+
+nanochat itself on this machine (its model and MuonAdamW, fp32, torch.compile, seq 512, batch 8; timed
+2026-11-21 with a copy outside this repository): d4 about 800 tok/s, d6 about 540 (1,170 and 625 with
+MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set, the equivalent of common.keep_freed_memory). SPEC.md's
+1440/760 were measured on a CPU with AVX-512; this one has AVX2 only.
 """
 import argparse
 import json
