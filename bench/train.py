@@ -2,8 +2,8 @@
 
 Trains real models on the real shards through `nanochat_nb.train` (data loading, forward/backward, optimizer,
 all included) at sequence 512, batch 8 x 512, total batch 4096, and prints tokens/s and peak RSS per setting.
-Every setting runs in its own process so that its peak RSS is its own. Reference (nanochat, this 2-core CPU,
-fp32, torch.compile): d4 ~1440 tok/s with 2.5 GB peak RSS, d6 ~760 tok/s; target >= 1.2x in the same dtype.
+Every setting runs in its own process so that its peak RSS is its own. Reference ("vs ref", SPEC.md: nanochat on
+a 2-core CPU, fp32, torch.compile): d4 ~1440 tok/s with 2.5 GB peak RSS, d6 ~760 tok/s; target >= 1.2x.
 
     flock -x /tmp/cpu.lock python bench/train.py                 # d4 and d6, compiled and eager, fp32
     flock -x /tmp/cpu.lock python bench/train.py --depths 4 --compile on --steps 20
@@ -51,12 +51,13 @@ def child(args):
               "--tokenizer-dir", str(args.tokenizer_dir), "--log-every", "1000000"])
         wall = time.perf_counter() - start
         records = [r for r in read_log(Path(run_dir) / "log.jsonl") if "loss" in r]
+        flops_per_token = json.loads((Path(run_dir) / "plan.json").read_text())["flops_per_token"]
     timed = [r["seconds"] for r in records[args.skip:]]
     step = statistics.median(timed)
     print(json.dumps({"depth": args.depth, "compile": args.compile, "dtype": str(compute_dtype("cpu")).removeprefix("torch."),
                       "tok_per_s": 4096 / step, "tok_per_s_mean": 4096 / statistics.mean(timed),
                       "first_steps_s": [round(r["seconds"], 2) for r in records[:args.skip]],
-                      "mfu": statistics.median(r["mfu"] for r in records[args.skip:]),
+                      "gflops": flops_per_token * 4096 / step / 1e9,
                       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                       "wall_s": wall, "final_loss": records[-1]["loss"]}))
 
@@ -74,6 +75,10 @@ def main():
     if args.child:
         return child(args)
     tokenizer_dir = bench_tokenizer()
+    from nanochat_nb.common import compute_dtype, measure_matmul_flops
+    # MFU against one peak measured here, on the idle machine (a per-process figure wobbles on a noisy VM)
+    peak = measure_matmul_flops(compute_dtype("cpu"))
+    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s measured now", flush=True)
     print(f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}, tokenizer {tokenizer_dir}", flush=True)
     print(f"{'depth':>5} {'compile':>7} {'dtype':>8} {'tok/s':>7} {'vs ref':>6} {'MFU':>6} {'peak RSS':>9} {'first steps (s)':>16}")
     for depth in map(int, args.depths.split(",")):
@@ -87,7 +92,7 @@ def main():
             r = json.loads(done.stdout.strip().splitlines()[-1])
             ref = REFERENCE.get((r["dtype"], depth))
             ratio = f"{r['tok_per_s'] / ref:.2f}x" if ref else "-"
-            print(f"{depth:>5} {compile_:>7} {r['dtype']:>8} {r['tok_per_s']:>7,.0f} {ratio:>6} {r['mfu']:>6.1%} "
+            print(f"{depth:>5} {compile_:>7} {r['dtype']:>8} {r['tok_per_s']:>7,.0f} {ratio:>6} {r['gflops'] * 1e9 / peak:>6.1%} "
                   f"{r['peak_rss_gb']:>7.2f}GB {str(r['first_steps_s']):>16}", flush=True)
 
 
