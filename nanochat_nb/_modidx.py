@@ -290,6 +290,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                    'nanochat_nb/optim.py'),
                                    'nanochat_nb.optim.param_group_name': ('optim.html#param_group_name', 'nanochat_nb/optim.py'),
                                    'nanochat_nb.optim.polar_express': ('optim.html#polar_express', 'nanochat_nb/optim.py'),
+                                   'nanochat_nb.optim.polar_express_direct': ('optim.html#polar_express_direct', 'nanochat_nb/optim.py'),
                                    'nanochat_nb.optim.polar_express_gram': ('optim.html#polar_express_gram', 'nanochat_nb/optim.py'),
                                    'nanochat_nb.optim.row_equilibrate': ('optim.html#row_equilibrate', 'nanochat_nb/optim.py'),
                                    'nanochat_nb.optim.setup_optimizer': ('optim.html#setup_optimizer', 'nanochat_nb/optim.py')},

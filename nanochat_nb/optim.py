@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 # %% auto #0
 __all__ = ['POLAR_EXPRESS_COEFFS', 'ADAMW_DEFAULTS', 'MUON_DEFAULTS', 'ADAMW_GROUPS', 'frobenius_norm', 'row_equilibrate',
-           'polar_express', 'polar_express_gram', 'normalise_second_moment_', 'cautious_update_', 'muon_step_',
-           'adamw_step_', 'MuonAdamW', 'param_group_name', 'setup_optimizer', 'describe_param_groups', 'DistMuonAdamW']
+           'polar_express', 'polar_express_direct', 'polar_express_gram', 'normalise_second_moment_',
+           'cautious_update_', 'muon_step_', 'adamw_step_', 'MuonAdamW', 'param_group_name', 'setup_optimizer',
+           'describe_param_groups', 'DistMuonAdamW']
 
 # %% ../nbs/05_optim.ipynb #49b2b5b7
 POLAR_EXPRESS_COEFFS = (  # (a, b, c) of each round, for 5 rounds (Amsel et al. 2025, safety 2e-2, cushion 2)
@@ -44,14 +45,18 @@ def polar_express(G: Tensor, steps: int = 5) -> Tensor:
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide side, so that A is min(m, n) square
         X = X.mT
-    if X.size(-1) >= 2 * X.size(-2):
-        X = polar_express_gram(X, steps)
-    else:
-        for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
-            A = X @ X.mT
-            B = (A @ A).mul_(c).add_(A, alpha=b)  # b·A + c·A², in place on the fresh product
-            X = (B @ X).add_(X, alpha=a)          # a·X + B·X
+    rounds = polar_express_gram if X.size(-1) >= 2 * X.size(-2) else polar_express_direct
+    X = rounds(X, steps)
     return X.mT if tall else X
+
+
+def polar_express_direct(X: Tensor, steps: int = 5) -> Tensor:
+    "The Polar Express rounds on a scaled, wide X (..., m, n): X ← a·X + (b·A + c·A²)·X with A = X Xᵀ."
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        A = X @ X.mT
+        B = (A @ A).mul_(c).add_(A, alpha=b)  # b·A + c·A², in place on the fresh product
+        X = (B @ X).add_(X, alpha=a)          # a·X + B·X
+    return X
 
 
 def polar_express_gram(X: Tensor, steps: int = 5) -> Tensor:
