@@ -1,9 +1,9 @@
-"""The lm_head + softcap cross-entropy of one training step, in both layouts of the logits (chapter 4).
+"""The lm_head + softcap cross-entropy of one training step, in both layouts of the logits (chapter 4b).
 
 At vocab 32768, C channels and N tokens per step, the head is three skinny matmuls (logits, d/dx, d/dW) of
 2·N·C·V FLOPs each, plus the softcap cross-entropy sweeps over the N x V logits. This prints the time and
 GFLOP/s of each matmul with the logits token-major (N, V) = x·Wᵀ and vocab-major (V, N) = W·xᵀ (the layout
-`gpt.softcap_cross_entropy` uses), the time of the C kernel's sweeps, and the whole fused forward + backward.
+`fused_head.softcap_cross_entropy` uses), the time of the C kernel's sweeps, and the whole fused forward + backward.
 
     flock -x /tmp/cpu.lock python bench/lm_head.py              # d4: C = 256, N = 4096
     flock -x /tmp/cpu.lock python bench/lm_head.py --channels 384
@@ -14,7 +14,7 @@ import time
 import torch
 
 from nanochat_nb.common import keep_freed_memory
-from nanochat_nb.gpt import native_softcap_ce, softcap_ce_, softcap_cross_entropy
+from nanochat_nb.fused_head import native_softcap_ce, softcap_ce_, softcap_cross_entropy
 
 
 def best_seconds(fn, repeat: int) -> float:

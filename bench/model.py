@@ -30,7 +30,8 @@ def peak_rss_gb() -> float:
 
 def run_one(args) -> dict:
     from nanochat_nb.common import compute_dtype, keep_freed_memory, peak_flops
-    from nanochat_nb.gpt import GPT, GPTConfig, native_softcap_ce
+    from nanochat_nb.fused_head import native_softcap_ce
+    from nanochat_nb.gpt import GPT, GPTConfig
 
     if args.keep_freed_memory:  # as training does (common.init_distributed)
         keep_freed_memory()

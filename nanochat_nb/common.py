@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import ctypes
+import contextlib
 import datetime
 import functools
 import json
@@ -25,15 +26,18 @@ import torch
 import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['REPO_ROOT', 'DATA_LAYOUT', 'DTYPES', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'GPU_PEAK_BF16_FLOPS', 'nanochat_home',
-           'default_data_dir', 'data_dir', 'settings_path', 'preset_names', 'load_preset', 'parse_args_with_preset',
-           'autodetect_device_type', 'compute_dtype', 'keep_freed_memory', 'DistInfo', 'dist_env', 'is_main_process',
-           'print0', 'init_distributed', 'cleanup_distributed', 'seed_everything', 'RunLogger', 'read_log',
-           'gpu_peak_flops', 'measure_matmul_flops', 'cpu_name', 'cpu_peak_flops', 'peak_flops', 'git_commit',
-           'hardware_summary', 'print_hardware_summary', 'stage_command', 'run_module']
+__all__ = ['PACKAGE_DIR', 'REPO_ROOT', 'DATA_LAYOUT', 'DTYPES', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'GPU_PEAK_BF16_FLOPS',
+           'nanochat_home', 'default_data_dir', 'data_dir', 'UserError', 'cli_errors', 'fsync_dir', 'atomic_write',
+           'settings_path', 'UnknownPresetError', 'preset_names', 'load_preset', 'PresetValueError',
+           'parse_args_with_preset', 'autodetect_device_type', 'compute_dtype', 'keep_freed_memory', 'DistInfo',
+           'dist_env', 'is_main_process', 'print0', 'init_distributed', 'cleanup_distributed', 'dist_ready',
+           'rank_world', 'barrier', 'all_gather_object', 'all_reduce_sum', 'all_reduce_mean', 'seed_everything',
+           'RunLogger', 'read_log', 'gpu_peak_flops', 'measure_matmul_flops', 'cpu_name', 'cpu_peak_flops',
+           'peak_flops', 'git_commit', 'hardware_summary', 'print_hardware_summary', 'stage_command', 'run_module']
 
 # %% ../nbs/00_common.ipynb #3658c07c
-REPO_ROOT = Path(__file__).resolve().parent.parent if "__file__" in globals() else Path.cwd().parent
+PACKAGE_DIR = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd().parent / "nanochat_nb"
+REPO_ROOT = PACKAGE_DIR.parent
 DATA_LAYOUT = {
     "pretrain": "pretrain/shard_XXXXX.parquet files (the last shard is the validation split)",
     "eval_bundle": "eval_bundle/core.yaml, eval_bundle/eval_meta_data.csv and eval_bundle/eval_data/",
@@ -44,7 +48,13 @@ DATA_LAYOUT = {
 def nanochat_home() -> Path:
     "The folder runs write to: `NANOCHAT_HOME`, or `~/.cache/nanochat_nb`. Created on first use."
     home = Path(os.environ.get("NANOCHAT_HOME") or Path.home() / ".cache" / "nanochat_nb").expanduser()
-    home.mkdir(parents=True, exist_ok=True)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"Cannot create the home folder {home} ({error.strerror}): "
+                        "set NANOCHAT_HOME to a writable folder.") from None
+    if not os.access(home, os.W_OK):
+        raise UserError(f"The home folder {home} is not writable: set NANOCHAT_HOME to a writable folder.")
     return home
 
 
@@ -76,10 +86,72 @@ def data_dir(*parts: str) -> Path:
             raise FileNotFoundError(f"Data folder {root} has no {part}/ (or it is empty). {_layout_help()}")
     return root.joinpath(*parts)
 
+# %% ../nbs/00_common.ipynb #4dd80ce6
+class UserError(Exception):
+    "A problem with the user's input, explained in one sentence: printed without a traceback, exit code 2."
+
+
+@contextlib.contextmanager
+def cli_errors(prog: str):
+    "Turn a `UserError` (and a missing-file or permission error) into `prog: message` on stderr and exit code 2."
+    try:
+        yield
+    except (UserError, FileNotFoundError, FileExistsError, PermissionError) as error:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        print(f"{prog}: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+# %% ../nbs/00_common.ipynb #4a8542ce
+def fsync_dir(folder: str | Path):
+    "Make the renames inside `folder` durable (a no-op where folders cannot be opened, e.g. Windows)."
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes | str | None = None, write=None):
+    """Write `data` (or whatever `write(file)` writes) to `path` atomically: a temporary file beside it, fsynced,
+    then renamed into place. A failure leaves `path` as it was and no temporary file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            if write is not None:
+                write(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
 # %% ../nbs/00_common.ipynb #18794a2c
 def settings_path() -> Path:
-    "The presets file: `NANOCHAT_SETTINGS`, else `settings.ini` at the repository root."
-    return Path(os.environ.get("NANOCHAT_SETTINGS") or REPO_ROOT / "settings.ini")
+    """The presets file: `NANOCHAT_SETTINGS`, else `settings.ini` at the root of the repository when running from a
+    checkout, else the copy installed with the package."""
+    if os.environ.get("NANOCHAT_SETTINGS"):
+        return Path(os.environ["NANOCHAT_SETTINGS"]).expanduser()
+    checkout = REPO_ROOT / "settings.ini"
+    if (REPO_ROOT / "pyproject.toml").is_file() and checkout.is_file():
+        return checkout
+    return PACKAGE_DIR / "settings.ini"
+
+
+class UnknownPresetError(UserError, KeyError):
+    "A preset name that `settings.ini` does not have."
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0])
 
 
 def _read_presets() -> configparser.ConfigParser:
@@ -87,7 +159,12 @@ def _read_presets() -> configparser.ConfigParser:
     if not path.is_file():
         raise FileNotFoundError(f"No presets file at {path}: set NANOCHAT_SETTINGS to a settings.ini with preset sections.")
     parser = configparser.ConfigParser()
-    parser.read(path)
+    try:
+        parser.read(path)
+    except configparser.Error as error:
+        problem = str(error).replace("\n", " ")
+        raise UserError(f"The presets file {path} cannot be parsed ({problem}): "
+                        "fix it or point NANOCHAT_SETTINGS elsewhere.") from None
     return parser
 
 
@@ -100,34 +177,56 @@ def load_preset(name: str) -> dict[str, str]:
     "The keys of preset `name` as strings (the stages convert them with their flags' types)."
     presets = _read_presets()
     if not presets.has_section(name):
-        raise KeyError(f"Unknown preset {name!r}: choose one of {', '.join(presets.sections())} (from {settings_path()}).")
+        raise UnknownPresetError(f"Unknown preset {name!r}: choose one of {', '.join(presets.sections())} "
+                                 f"(from {settings_path()}).")
     return dict(presets.items(name))
 
 # %% ../nbs/00_common.ipynb #7f7c0790
+class PresetValueError(UserError, ValueError):
+    "A preset value that its flag's type cannot read."
+
+
+def _type_name(action: argparse.Action) -> str:
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return "boolean (true/false, yes/no, on/off, 1/0)"
+    return getattr(action.type, "__name__", "value")
+
+
 def _convert(action: argparse.Action, value: str):
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         return configparser.ConfigParser.BOOLEAN_STATES[value.lower()]
     return action.type(value) if action.type else value
 
 
+def _preset_defaults(parser: argparse.ArgumentParser, name: str) -> dict:
+    "The preset's values for the flags `parser` has, converted with each flag's type."
+    actions = {action.dest: action for action in parser._actions}
+    defaults = {}
+    for key, value in load_preset(name).items():
+        action = actions.get(key.replace("-", "_"))
+        if action is None:
+            continue
+        try:
+            defaults[action.dest] = _convert(action, value)
+        except (ValueError, TypeError, KeyError):
+            raise PresetValueError(f"Preset {name!r} sets {key} = {value!r}, which is not a valid "
+                                   f"{_type_name(action)}: fix it in {settings_path()}.") from None
+    return defaults
+
+
 def parse_args_with_preset(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     "Parse `argv`, with defaults from the preset named by `--preset` (if the parser has that flag)."
     known, _ = parser.parse_known_args(argv)
     name = getattr(known, "preset", None)
-    if name:
-        actions = {action.dest: action for action in parser._actions}
-        defaults = {}
-        for key, value in load_preset(name).items():
-            action = actions.get(key.replace("-", "_"))
-            if action is not None:
-                defaults[action.dest] = _convert(action, value)
-        saved = {dest: parser.get_default(dest) for dest in defaults}
-        parser.set_defaults(**defaults)
-        try:
-            return parser.parse_args(argv)
-        finally:
-            parser.set_defaults(**saved)
-    return parser.parse_args(argv)
+    if not name:
+        return parser.parse_args(argv)
+    defaults = _preset_defaults(parser, name)
+    saved = {dest: parser.get_default(dest) for dest in defaults}
+    parser.set_defaults(**defaults)
+    try:
+        return parser.parse_args(argv)
+    finally:
+        parser.set_defaults(**saved)
 
 # %% ../nbs/00_common.ipynb #3e7e7433
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -222,9 +321,49 @@ def init_distributed(device_type: str | None = None) -> DistInfo:
 
 def cleanup_distributed():
     "Leave the process group cleanly (a no-op outside torchrun)."
-    if dist.is_available() and dist.is_initialized():
+    if dist_ready():
         dist.barrier()
         dist.destroy_process_group()
+
+# %% ../nbs/00_common.ipynb #7aedb1d5
+def dist_ready() -> bool:
+    "Whether this process is in an initialised process group."
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_world() -> tuple[int, int]:
+    "(rank, world size) of this process in its process group; (0, 1) in a single process."
+    return (dist.get_rank(), dist.get_world_size()) if dist_ready() else (0, 1)
+
+
+def barrier():
+    "Wait for every process (a no-op in a single process)."
+    if dist_ready():
+        dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    "Every process's `obj`, in rank order (`[obj]` in a single process)."
+    if not dist_ready():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(*tensors: torch.Tensor):
+    "Sum tensors over all processes, in place (a no-op in a single process)."
+    if dist_ready():
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    "The mean of `value` over all processes (gloo has no AVG, so: sum, then divide)."
+    if not dist_ready():
+        return value
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / dist.get_world_size()
 
 # %% ../nbs/00_common.ipynb #f4c7c291
 def seed_everything(seed: int):

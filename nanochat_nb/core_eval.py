@@ -23,13 +23,13 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
+from .checkpoint import CheckpointError, latest, load_checkpoint_tokenizer, load_model, meta_file, parse_allowed
 from .common import (
-    autodetect_device_type, cleanup_distributed, default_data_dir, hardware_summary, init_distributed, nanochat_home,
-    parse_args_with_preset, print0)
+    UserError, all_reduce_sum, autodetect_device_type, cleanup_distributed, cli_errors, default_data_dir,
+    hardware_summary, init_distributed, nanochat_home, parse_args_with_preset, print0, rank_world)
 
 # %% auto #0
 __all__ = ['EVAL_BUNDLE_URL', 'BUNDLE_FILES', 'REQUIRED_FIELDS', 'SAMPLE_PROMPTS', 'EVALS', 'evaluate_bpb', 'CoreTask',
@@ -38,17 +38,10 @@ __all__ = ['EVAL_BUNDLE_URL', 'BUNDLE_FILES', 'REQUIRED_FIELDS', 'SAMPLE_PROMPTS
            'common_suffix_length', 'scored_item', 'crop_left', 'verdict', 'logits_at', 'score_rows', 'evaluate_items',
            'centered_accuracy', 'core_metric', 'read_reference_results', 'task_scored_items', 'evaluate_task',
            'model_context_length', 'evaluate_core', 'format_core_table', 'plot_core', 'save_eval_result',
-           'download_eval_bundle', 'latest_checkpoint_dir', 'checkpoint_tokenizer_dir', 'greedy_samples', 'result_stem',
-           'build_parser', 'validation_bpb', 'main']
+           'download_eval_bundle', 'latest_checkpoint_dir', 'greedy_samples', 'result_stem', 'build_parser',
+           'validation_bpb', 'evaluate_checkpoint', 'main']
 
 # %% ../nbs/07_eval.ipynb #4bf4b2ec
-def _all_reduce_sum(*tensors: torch.Tensor):
-    "Add tensors up across ranks in place (a no-op outside torchrun)."
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for tensor in tensors:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-
-
 @torch.no_grad()
 def evaluate_bpb(model, batches, token_bytes: torch.Tensor) -> float:
     "Bits per byte of `model` over `batches` of (inputs, targets); targets < 0 and special tokens are left out."
@@ -63,7 +56,7 @@ def evaluate_bpb(model, batches, token_bytes: torch.Tensor) -> float:
         num_bytes = torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)
         total_nats += torch.where(num_bytes > 0, losses, 0.0).sum()
         total_bytes += num_bytes.sum()
-    _all_reduce_sum(total_nats, total_bytes)
+    all_reduce_sum(total_nats, total_bytes)
     if total_bytes.item() == 0:
         raise ValueError("evaluate_bpb got no text to score: pass at least one batch with non-special targets.")
     return total_nats.item() / (math.log(2) * total_bytes.item())
@@ -344,12 +337,6 @@ def read_reference_results(bundle_dir: str | Path | None = None) -> dict[str, di
     return references
 
 # %% ../nbs/07_eval.ipynb #d26f1c1a
-def _dist_rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def task_scored_items(task: CoreTask, items: list[dict], indices, tokenizer, max_seq_len: int | None) -> list[ScoredItem]:
     "Render, tokenize (with `<|bos|>` first) and crop the items at `indices` of a task's (shuffled) items."
     prompts = [render_prompts(task.task_type, items[i], sample_fewshot(items, i, task.num_fewshot), task.delimiter)
@@ -368,7 +355,7 @@ def evaluate_task(model, tokenizer, task: CoreTask, max_per_task: int | None = N
     "Accuracy of `model` on one task (items split across ranks), with per-item verdicts and timing."
     start = time.perf_counter()
     items = shuffled_items(load_task_data(task.path, task.task_type), max_per_task)
-    rank, world = _dist_rank_world()
+    rank, world = rank_world()
     mine = list(range(rank, len(items), world))
     scored = task_scored_items(task, items, mine, tokenizer, max_seq_len)
     verdicts = evaluate_items(model, scored, tokenizer.bos_id, batch_tokens)
@@ -376,7 +363,7 @@ def evaluate_task(model, tokenizer, task: CoreTask, max_per_task: int | None = N
     correct = torch.zeros(len(items), dtype=torch.float64, device=device)
     correct[mine] = torch.tensor(verdicts, dtype=torch.float64, device=device)
     truncated = torch.tensor(float(sum(item.truncated for item in scored)), dtype=torch.float64, device=device)
-    _all_reduce_sum(correct, truncated)
+    all_reduce_sum(correct, truncated)
     accuracy = correct.mean().item()
     return {"type": task.task_type, "accuracy": accuracy, "centered": centered_accuracy(accuracy, task.baseline),
             "items": len(items), "truncated": int(truncated.item()), "seconds": time.perf_counter() - start,
@@ -390,14 +377,14 @@ def model_context_length(model) -> int | None:
 
 @torch.no_grad()
 def evaluate_core(model, tokenizer, bundle_dir: str | Path | None = None, max_per_task: int | None = None,
-                  max_seq_len: int | None = None, device=None, labels: list[str] | None = None,
+                  max_seq_len: int | None = None, labels: list[str] | None = None,
                   batch_tokens: int = 16384, verbose: bool = True) -> dict:
     """CORE of `model` over the bundle's tasks that have data (or just `labels`). Prompts longer than `max_seq_len`
-    (default: the model's context) are cropped from the left. `device` is where the model already is (unused)."""
+    (default: the model's context) are cropped from the left; the model is used where it is."""
     tasks = [t for t in load_core_tasks(bundle_dir) if labels is None or t.label in labels]
     missing = [t.label for t in tasks if not t.available]
     for task in tasks:
-        if not task.available and _dist_rank_world()[0] == 0:
+        if not task.available and rank_world()[0] == 0:
             warnings.warn(f"CORE task {task.label!r} skipped: its data file {task.path} is not in the bundle.")
     max_seq_len = max_seq_len or model_context_length(model)
     was_training = model.training
@@ -522,34 +509,24 @@ EVALS = ("core", "bpb", "sample")
 
 
 def latest_checkpoint_dir(root: str | Path | None = None) -> Path:
-    "The checkpoint folder under `<home>/base_checkpoints` with the most recently written model file."
+    "The run folder under `<home>/base_checkpoints` whose last committed checkpoint was written most recently."
     root = Path(root) if root else nanochat_home() / "base_checkpoints"
-    folders = [p for p in root.glob("*") if p.is_dir() and any(p.glob("model_*.pt"))] if root.is_dir() else []
-    if not folders:
-        raise FileNotFoundError(f"No checkpoint under {root}: train one with `nanochat-base-train`, "
-                                "or pass --checkpoint DIR.")
-    return max(folders, key=lambda p: max(f.stat().st_mtime for f in p.glob("model_*.pt")))
-
-
-def checkpoint_tokenizer_dir(checkpoint: Path) -> Path | None:
-    "The tokenizer that goes with a checkpoint: `<ckpt>/tokenizer`, else nanochat's `<ckpt>/../../tokenizer`."
-    for candidate in (checkpoint / "tokenizer", checkpoint.parent.parent / "tokenizer"):
-        if candidate.is_dir():
-            return candidate
-    return None  # the default tokenizer folder
+    runs = {folder: latest(folder) for folder in root.iterdir() if folder.is_dir()} if root.is_dir() else {}
+    runs = {folder: step for folder, step in runs.items() if step is not None}
+    if not runs:
+        raise CheckpointError(f"No checkpoint under {root}: train one with `nanochat-base-train`, "
+                              "or pass --checkpoint DIR.")
+    return max(runs, key=lambda folder: (folder / meta_file(runs[folder])).stat().st_mtime)
 
 
 @torch.no_grad()
 def greedy_samples(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens: int = 16) -> list[str]:
-    "Each prompt continued by `max_tokens` greedy tokens."
-    device = next(model.parameters()).device
+    "Each prompt followed by its greedy continuation of `max_tokens` tokens (the model's KV-cache sampler)."
     samples = []
     for prompt in prompts:
         ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
-        for _ in range(max_tokens):
-            logits = logits_at(model, torch.tensor([ids], device=device), torch.tensor([0]), torch.tensor([len(ids) - 1]))
-            ids.append(int(logits[0].argmax()))
-        samples.append(tokenizer.decode(ids[1:]))
+        continuation = list(model.generate(ids, max_tokens, temperature=0))
+        samples.append(tokenizer.decode(ids[1:] + continuation))
     return samples
 
 
@@ -566,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="checkpoint folder (default: the newest under <home>/base_checkpoints)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the last)")
     parser.add_argument("--tokenizer-dir", help="tokenizer folder (default: <checkpoint>/tokenizer, then the default)")
+    parser.add_argument("--allow-mismatch", default="", help="accept a --tokenizer-dir other than the one the "
+                        "checkpoint was trained with: tokenizer")
     parser.add_argument("--bundle-dir", help="eval bundle folder (default: <data folder>/eval_bundle)")
     parser.add_argument("--max-per-task", type=int, default=-1, help="items per CORE task (-1: all)")
     parser.add_argument("--core-max-seq-len", type=int, default=0, help="crop CORE prompts to this many tokens "
@@ -585,8 +564,7 @@ def _parse_evals(text: str) -> list[str]:
     evals = [e.strip() for e in text.split(",") if e.strip()]
     unknown = [e for e in evals if e not in EVALS]
     if unknown or not evals:
-        raise SystemExit(f"nanochat-base-eval: --eval {text!r} is not a list of {', '.join(EVALS)}; "
-                         "e.g. --eval core,bpb")
+        raise UserError(f"--eval {text!r} is not a list of {', '.join(EVALS)}; e.g. --eval core,bpb")
     return evals
 
 
@@ -602,52 +580,52 @@ def validation_bpb(model, tokenizer, info, eval_tokens: int, batch_size: int, se
         loader.close()
 
 
-def main(argv=None) -> dict | None:
-    "`nanochat-base-eval`: CORE, bits per byte and samples of a checkpoint; results as JSON in its folder."
-    args = parse_args_with_preset(build_parser(), argv)
-    if args.download_bundle:
-        download_eval_bundle(args.bundle_dir, args.bundle_url)
-        return None
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    "The evaluations of `args.eval` on a checkpoint, verified and loaded with its own tokenizer; results saved."
     evals = _parse_evals(args.eval)
+    allow = parse_allowed(args.allow_mismatch)
     if "core" in evals:
         check_bundle_dir(args.bundle_dir)  # fail before loading anything
-    from nanochat_nb.gpt import load_nanochat_checkpoint
-    from nanochat_nb.tokenizer import load_tokenizer
     checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint_dir()
     info = init_distributed(args.device_type or autodetect_device_type())
-    try:
-        model, meta = load_nanochat_checkpoint(checkpoint, step=args.step, device=info.device)
-        model.eval()
-        tokenizer = load_tokenizer(args.tokenizer_dir or checkpoint_tokenizer_dir(checkpoint))
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}: "
-                             "pass the checkpoint's own tokenizer with --tokenizer-dir.")
-        result = {"checkpoint": str(checkpoint), "step": meta["step"], "model_config": meta.get("model_config"),
-                  "hardware": hardware_summary()}
-        print0(f"Evaluating {checkpoint} at step {meta['step']} on {info.world_size} process(es), device {info.device}")
-        if "sample" in evals and info.is_main:
-            result["samples"] = greedy_samples(model, tokenizer)
-            for sample in result["samples"]:
-                print0("  " + sample.replace("\n", " "))
-        if "bpb" in evals:
-            seq_len = args.max_seq_len or model.config.sequence_len
-            result["val_bpb"] = validation_bpb(model, tokenizer, info, args.eval_tokens, args.device_batch_size, seq_len)
-            print0(f"validation bits per byte: {result['val_bpb']:.4f}")
-        if "core" in evals:
-            max_per_task = args.max_per_task if args.max_per_task > 0 else None
-            with warnings.catch_warnings():  # one short line per skipped task, not a source listing
-                warnings.showwarning = lambda message, *rest, **kwargs: print0(f"warning: {message}")
-                result["core"] = evaluate_core(model, tokenizer, args.bundle_dir, max_per_task,
-                                               args.core_max_seq_len or None, batch_tokens=args.batch_tokens)
-            print0(format_core_table(result["core"]))
-        if info.is_main:
-            stem = result_stem(meta["step"], args.max_per_task if "core" in evals else None)
-            references = read_reference_results(args.bundle_dir) if "core" in evals else None
-            path = save_eval_result(result, args.out or checkpoint, stem, references)
-            print0(f"results written to {path}")
-        return result
-    finally:
-        cleanup_distributed()
+    model, meta = load_model(checkpoint, args.step, device=info.device)
+    tokenizer = load_checkpoint_tokenizer(checkpoint, meta, args.tokenizer_dir, allow)
+    result = {"checkpoint": str(checkpoint), "step": meta["step"], "model_config": meta["model_config"],
+              "hardware": hardware_summary()}
+    print0(f"Evaluating {checkpoint} at step {meta['step']} on {info.world_size} process(es), device {info.device}")
+    if "sample" in evals and info.is_main:
+        result["samples"] = greedy_samples(model, tokenizer)
+        for sample in result["samples"]:
+            print0("  " + sample.replace("\n", " "))
+    if "bpb" in evals:
+        seq_len = args.max_seq_len or model.config.sequence_len
+        result["val_bpb"] = validation_bpb(model, tokenizer, info, args.eval_tokens, args.device_batch_size, seq_len)
+        print0(f"validation bits per byte: {result['val_bpb']:.4f}")
+    if "core" in evals:
+        max_per_task = args.max_per_task if args.max_per_task > 0 else None
+        with warnings.catch_warnings():  # one short line per skipped task, not a source listing
+            warnings.showwarning = lambda message, *rest, **kwargs: print0(f"warning: {message}")
+            result["core"] = evaluate_core(model, tokenizer, args.bundle_dir, max_per_task,
+                                           args.core_max_seq_len or None, batch_tokens=args.batch_tokens)
+        print0(format_core_table(result["core"]))
+    if info.is_main:
+        stem = result_stem(meta["step"], args.max_per_task if "core" in evals else None)
+        references = read_reference_results(args.bundle_dir) if "core" in evals else None
+        path = save_eval_result(result, args.out or checkpoint, stem, references)
+        print0(f"results written to {path}")
+    return result
+
+
+def main(argv=None) -> dict | None:
+    "`nanochat-base-eval`: CORE, bits per byte and samples of a checkpoint; bad input exits 2 with one line."
+    with cli_errors("nanochat-base-eval"):
+        args = parse_args_with_preset(build_parser(), argv)
+        if args.download_bundle:
+            download_eval_bundle(args.bundle_dir, args.bundle_url)
+            return None
+        result = evaluate_checkpoint(args)
+    cleanup_distributed()
+    return result
 
 # %% ../nbs/07_eval.ipynb #b4daad42
 if __name__ == "__main__" and "__file__" in globals():  # `python -m nanochat_nb.core_eval`, not the notebook

@@ -9,7 +9,6 @@ import argparse
 import fcntl
 import os
 import re
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,13 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .common import data_dir, default_data_dir, parse_args_with_preset
+from .common import UserError, cli_errors, data_dir, default_data_dir, fsync_dir, parse_args_with_preset
 
 # %% auto #0
-__all__ = ['HF_DATASETS', 'SHARD_SOURCES', 'SHARD_NAME', 'shard_name', 'list_shards', 'split_shards', 'CorruptShardError',
-           'verify_shard', 'verify_shards', 'RowGroup', 'RowGroupReader', 'iter_texts', 'shard_url', 'shard_indices',
-           'ShardNotFoundError', 'download_shard', 'default_shard_folder', 'download_shards', 'ensure_shards',
-           'build_parser', 'main']
+__all__ = ['HF_DATASETS', 'SHARD_SOURCES', 'SHARD_NAME', 'shard_name', 'ShardError', 'list_shards', 'split_shards',
+           'CorruptShardError', 'verify_shard', 'verify_shards', 'RowGroup', 'RowGroupReader', 'iter_texts',
+           'shard_url', 'shard_indices', 'ShardNotFoundError', 'DownloadError', 'download_shard',
+           'default_shard_folder', 'download_shards', 'ensure_shards', 'build_parser', 'main']
 
 # %% ../nbs/02_dataset.ipynb #bb1ccd82
 HF_DATASETS = "https://huggingface.co/datasets"
@@ -44,6 +43,10 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.parquet"
 
 # %% ../nbs/02_dataset.ipynb #d70bd484
+class ShardError(UserError, ValueError):
+    "Shards that cannot be used as they are: too few of them, or a file that is not a good shard."
+
+
 def _shard_folder(folder) -> Path:
     if folder is None:
         return data_dir("pretrain")
@@ -75,30 +78,43 @@ def split_shards(split: str, folder: str | Path | None = None) -> list[Path]:
         raise ValueError(f"Unknown split {split!r}: use 'train' or 'val'.")
     shards = list_shards(folder)
     if len(shards) < 2:
-        raise ValueError(f"Only {len(shards)} shard in {shards[0].parent}: at least 2 are needed (the last one is the "
+        raise ShardError(f"Only {len(shards)} shard in {shards[0].parent}: at least 2 are needed (the last one is the "
                          "validation split); fetch more with `nanochat-data download -n N`.")
     return shards[:-1] if split == "train" else shards[-1:]
 
 # %% ../nbs/02_dataset.ipynb #a29c16e1
-class CorruptShardError(ValueError):
-    "A file named like a shard that is not a readable parquet file with a `text` column."
+class CorruptShardError(ShardError):
+    "A file named like a shard that is not a readable parquet file of documents (a `text` column of strings)."
 
 
 def _corrupt_help(path: Path, problem: str) -> str:
+    problem = " ".join(problem.split())  # decoder messages can span lines; the error is one sentence
     return (f"Shard {path} {problem}: delete it and fetch it again with `nanochat-data download -n N` "
             "(or replace it with a good copy).")
 
 
+def _check_columns(path: Path, shard: pq.ParquetFile):
+    "The footer's promises: a `text` column of strings, and at least one document."
+    schema = shard.schema_arrow
+    if "text" not in schema.names:
+        raise CorruptShardError(_corrupt_help(path, f"has no `text` column (columns: {schema.names})"))
+    text_type = schema.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise CorruptShardError(_corrupt_help(path, f"has a `text` column of {text_type}, not of strings"))
+    if shard.metadata.num_rows == 0:
+        raise CorruptShardError(_corrupt_help(path, "holds no documents (0 rows)"))
+
+
 def verify_shard(path: str | Path, full: bool = False) -> int:
-    "Check that `path` is a readable parquet file with a `text` column (`full`: decode every row group); return its row count."
+    """Check that `path` is a parquet file of documents from its footer alone (`full`: also decode every row group and
+    check its text is valid UTF-8); return its row count."""
     path = Path(path)
     try:
         shard = pq.ParquetFile(path)
-        if "text" not in shard.schema_arrow.names:
-            raise CorruptShardError(_corrupt_help(path, f"has no `text` column (columns: {shard.schema_arrow.names})"))
+        _check_columns(path, shard)
         if full:
             for row_group in range(shard.num_row_groups):
-                shard.read_row_group(row_group, columns=["text"])
+                shard.read_row_group(row_group, columns=["text"]).validate(full=True)
         return shard.metadata.num_rows
     except (pa.ArrowException, OSError) as e:
         raise CorruptShardError(_corrupt_help(path, f"is not a readable parquet file ({e})")) from e
@@ -153,7 +169,7 @@ class RowGroupReader:
         "The documents of one row group (random access, e.g. to rebuild a saved buffer)."
         try:
             return self.file(shard).read_row_group(row_group, columns=["text"]).column("text").to_pylist()
-        except (pa.ArrowException, OSError) as e:
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # damage the footer check cannot see
             raise CorruptShardError(_corrupt_help(self.shards[shard], f"has an unreadable row group {row_group} ({e})")) from e
 
     def _has_work(self) -> bool:
@@ -170,7 +186,7 @@ class RowGroupReader:
             if not self.loop:
                 raise StopIteration
             if not self._has_work():
-                raise ValueError(f"Rank {self.rank} of {self.world_size} gets no row groups: the shards have fewer "
+                raise ShardError(f"Rank {self.rank} of {self.world_size} gets no row groups: the shards have fewer "
                                  f"row groups than there are ranks; use fewer ranks or shards with more row groups.")
             self.epoch, self.shard, self.row_group = self.epoch + 1, 0, self.rank
         epoch, shard, row_group = self.epoch, self.shard, self.row_group
@@ -208,12 +224,16 @@ def shard_indices(num_shards: int, total_shards: int) -> list[int]:
     if num_shards == -1 or num_shards >= total_shards:
         return list(range(total_shards))
     if num_shards < 2:
-        raise ValueError(f"Asked for {num_shards} shard(s): at least 2 are needed (training and validation).")
+        raise ShardError(f"Asked for {num_shards} shard(s): at least 2 are needed (training and validation).")
     return [*range(num_shards - 1), total_shards - 1]
 
 # %% ../nbs/02_dataset.ipynb #3c71fca9
-class ShardNotFoundError(FileNotFoundError):
+class ShardNotFoundError(UserError, FileNotFoundError):
     "The server has no such shard (HTTP 404)."
+
+
+class DownloadError(UserError, ConnectionError):
+    "Shards that could not be fetched, even after retries; running the command again resumes."
 
 
 def _fetch_once(url: str, part: Path, timeout: float, on_bytes) -> None:
@@ -238,6 +258,8 @@ def _fetch_once(url: str, part: Path, timeout: float, on_bytes) -> None:
             out.write(chunk)
             on_bytes(len(chunk))
         size = out.tell()
+        out.flush()
+        os.fsync(out.fileno())  # on disk before it is renamed into place
     if expected is not None and size != expected:
         raise ConnectionError(f"connection closed after {size:,} of {expected:,} bytes")
 
@@ -277,6 +299,7 @@ def _download(url, dest: Path, part: Path, retries, backoff, timeout, on_bytes, 
             _fetch_once(url, part, timeout, on_bytes)
             verify_shard(part, full=True)
             part.replace(dest)
+            fsync_dir(dest.parent)
             return dest
         except urllib.error.HTTPError as e:
             if e.code == 404:
@@ -290,8 +313,8 @@ def _download(url, dest: Path, part: Path, retries, backoff, timeout, on_bytes, 
         except (OSError, ConnectionError, TimeoutError) as e:  # URLError, resets, timeouts: resume next try
             last_error = f"{type(e).__name__}: {e}"
         log(f"{dest.name}: try {attempt + 1} of {retries + 1} failed: {last_error}")
-    raise ConnectionError(f"Could not download {dest.name} from {url} after {retries + 1} tries (last: {last_error}); "
-                          "run the command again to resume.")
+    raise DownloadError(f"Could not download {dest.name} from {url} after {retries + 1} tries (last: {last_error}); "
+                        "run the command again to resume.")
 
 # %% ../nbs/02_dataset.ipynb #f54f5c98
 def default_shard_folder() -> Path:
@@ -328,7 +351,7 @@ def download_shards(num_shards: int, folder: str | Path | None = None, source: s
     if failures:
         details = "; ".join(f"{name}: {e}" for name, e in sorted(failures.items()))
         not_found = all(isinstance(e, ShardNotFoundError) for e in failures.values())
-        raise (ShardNotFoundError if not_found else ConnectionError)(
+        raise (ShardNotFoundError if not_found else DownloadError)(
             f"{len(failures)} of {len(todo)} shard downloads failed: {details}")
     return list_shards(folder)
 
@@ -363,17 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     "`nanochat-data download|check`: fetch shards into the shard folder, or verify the ones there."
-    args = parse_args_with_preset(build_parser(), argv)
-    folder = Path(args.folder) if args.folder else default_shard_folder()
-    try:
+    with cli_errors("nanochat-data"):
+        args = parse_args_with_preset(build_parser(), argv)
+        folder = Path(args.folder) if args.folder else default_shard_folder()
         if args.command == "download":
             shards = download_shards(args.num_shards, folder, args.source, args.base_url, args.total_shards,
                                      args.workers, args.retries, full_check=args.full, progress=not args.no_progress)
         else:
             shards = list_shards(folder)
             verify_shards(shards, full=args.full)
-    except (OSError, ValueError) as e:
-        sys.exit(f"nanochat-data: {e}")
     print(f"{folder}: {len(shards)} good shards ({shards[0].name} ... {shards[-1].name}); "
           f"train = {len(shards) - 1}, val = {shards[-1].name}")
     return shards

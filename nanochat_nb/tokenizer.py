@@ -28,14 +28,14 @@ import tiktoken
 import torch
 from tqdm.auto import tqdm
 
-from .common import nanochat_home, parse_args_with_preset
+from .common import UserError, atomic_write, cli_errors, nanochat_home, parse_args_with_preset
 from .dataset import iter_texts
 
 # %% auto #0
 __all__ = ['SPLIT_PATTERN', 'SPECIAL_TOKENS', 'RANKS_FILE', 'META_FILE', 'TOKEN_BYTES_FILE', 'FORMAT', 'ROLES', 'PART_TYPES',
            'EVAL_SAMPLES', 'REFERENCE_TOKENIZERS', 'split_chunks', 'merge_pair', 'pair_counts', 'ranks_from_merges',
            'count_chunks', 'train_bpe', 'bpe_encode_chunk', 'bpe_encode', 'bpe_decode', 'train_ranks_fast',
-           'build_encoding', 'BPETokenizer', 'default_tokenizer_dir', 'ranks_to_text', 'read_ranks',
+           'build_encoding', 'TokenizerError', 'BPETokenizer', 'default_tokenizer_dir', 'ranks_to_text', 'read_ranks',
            'ConversationError', 'normalize_conversation', 'Tokenizer', 'load_tokenizer', 'load_token_bytes',
            'mask_to_html', 'reference_dirs', 'find_reference_encodings', 'bytes_per_token', 'train_parser',
            'train_tokenizer', 'train_main', 'eval_parser', 'evaluate_tokenizer', 'format_table', 'eval_report',
@@ -190,6 +190,10 @@ _ESCAPED_BYTES = regex.compile("([\udc80-\udcff]+)")  # bytes that were not vali
 _OTHER_SURROGATES = regex.compile("[\ud800-\udc7f\udd00-\udfff]")
 
 
+class TokenizerError(UserError, ValueError):
+    "A tokenizer that cannot be trained or loaded as asked: too small a vocabulary, too little text, a damaged save."
+
+
 class BPETokenizer:
     "Byte-level BPE: a rank table and a split pattern, encoded with tiktoken, plus special tokens after the merges."
 
@@ -205,12 +209,12 @@ class BPETokenizer:
         "Train on an iterator of texts with rustbpe; `vocab_size` counts the special tokens too."
         num_ranks = vocab_size - len(SPECIAL_TOKENS)
         if num_ranks < 256:
-            raise ValueError(f"vocab_size={vocab_size} is too small: it needs 256 byte tokens plus "
-                             f"{len(SPECIAL_TOKENS)} special tokens, so at least {256 + len(SPECIAL_TOKENS)}.")
+            raise TokenizerError(f"vocab_size={vocab_size} is too small: it needs 256 byte tokens plus "
+                                 f"{len(SPECIAL_TOKENS)} special tokens, so at least {256 + len(SPECIAL_TOKENS)}.")
         ranks = train_ranks_fast(text_iterator, num_ranks)
         if len(ranks) < num_ranks:
-            raise ValueError(f"The training text only has enough distinct pairs for {len(ranks) - 256} merges, not "
-                             f"{num_ranks - 256}: train on more text or ask for a smaller vocab_size.")
+            raise TokenizerError(f"The training text only has enough distinct pairs for {len(ranks) - 256} merges, not "
+                                 f"{num_ranks - 256}: train on more text or ask for a smaller vocab_size.")
         return cls(ranks)
 
     @property
@@ -325,16 +329,9 @@ def read_ranks(path: str | Path) -> dict[bytes, int]:
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
-            raise ValueError(f"{path} line {n} is not '<base64 token> <rank>': the file is corrupt or not a "
-                             "tiktoken rank file.") from None
+            raise TokenizerError(f"{path} line {n} is not '<base64 token> <rank>': the file is corrupt or not a "
+                                 "tiktoken rank file.") from None
     return ranks
-
-
-def _write_atomic(path: Path, write):
-    "Call `write(file)` on a temporary file beside `path`, then move it into place."
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        write(f)
-    os.replace(f.name, path)
 
 
 def _read_meta(folder: Path) -> dict:
@@ -350,11 +347,11 @@ def _read_meta(folder: Path) -> dict:
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{meta_path} is not valid JSON ({e}): the save was damaged; retrain with `nanochat-tok-train`.") from None
+        raise TokenizerError(f"{meta_path} is not valid JSON ({e}): the save was damaged; retrain with `nanochat-tok-train`.") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise ValueError(f"{meta_path} is not a nanochat-nb tokenizer (format {found!r}, expected {FORMAT!r}); "
-                         f"train one with `nanochat-tok-train --output {folder}`.")
+        raise TokenizerError(f"{meta_path} is not a nanochat-nb tokenizer (format {found!r}, expected {FORMAT!r}); "
+                             f"train one with `nanochat-tok-train --output {folder}`.")
     return meta
 
 
@@ -363,8 +360,8 @@ def _read_checked_ranks(folder: Path, meta: dict) -> dict[bytes, int]:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has {META_FILE} but no {RANKS_FILE}: the save is incomplete; retrain.")
     if hashlib.sha256(path.read_bytes()).hexdigest() != meta.get("ranks_sha256"):
-        raise ValueError(f"{path} does not match its checksum in {META_FILE}: it is truncated or was modified; "
-                         "retrain with `nanochat-tok-train`.")
+        raise TokenizerError(f"{path} does not match its checksum in {META_FILE}: it is truncated or was modified; "
+                             "retrain with `nanochat-tok-train`.")
     return read_ranks(path)
 
 # %% ../nbs/01_tokenizer.ipynb #2e459827
@@ -435,9 +432,9 @@ class Tokenizer(BPETokenizer):
         meta = {"format": FORMAT, "pattern": self.pattern, "special_tokens": self.special_ids,
                 "vocab_size": self.vocab_size, "num_ranks": len(self.ranks),
                 "ranks_sha256": hashlib.sha256(ranks_bytes).hexdigest()}
-        _write_atomic(folder / RANKS_FILE, lambda f: f.write(ranks_bytes))
-        _write_atomic(folder / TOKEN_BYTES_FILE, lambda f: torch.save(self.token_bytes(), f))
-        _write_atomic(folder / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode() + b"\n"))  # last
+        atomic_write(folder / RANKS_FILE, ranks_bytes)
+        atomic_write(folder / TOKEN_BYTES_FILE, write=lambda f: torch.save(self.token_bytes(), f))
+        atomic_write(folder / META_FILE, json.dumps(meta, indent=1) + "\n")  # last: it marks the save complete
 
     @classmethod
     def load(cls, folder: str | Path) -> Tokenizer:
@@ -447,7 +444,7 @@ class Tokenizer(BPETokenizer):
         ranks = _read_checked_ranks(folder, meta)
         tokenizer = cls(ranks, meta["pattern"], list(meta["special_tokens"]))
         if tokenizer.special_ids != meta["special_tokens"] or tokenizer.vocab_size != meta["vocab_size"]:
-            raise ValueError(f"{folder / META_FILE} numbers its special tokens differently from its rank table; retrain.")
+            raise TokenizerError(f"{folder / META_FILE} numbers its special tokens differently from its rank table; retrain.")
         return tokenizer
 
     def token_bytes(self) -> torch.Tensor:
@@ -630,22 +627,14 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors(run):
-    "Run a CLI body; bad input (missing folders, wrong sizes) ends the program with its one-line message."
-    try:
-        return run()
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: {e.args[0] if isinstance(e, KeyError) else e}") from None
-
-
 def train_tokenizer(args: argparse.Namespace) -> Tokenizer:
     "Train on the training shards as the flags say, save, and print time and compression."
     for flag in ("vocab_size", "max_chars", "doc_cap"):
         if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}.")
     output = args.output or default_tokenizer_dir()
     if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output} is a file, not a folder: pick a folder to save the tokenizer to.")
+        raise UserError(f"--output {output} is a file, not a folder: pick a folder to save the tokenizer to.")
     print(f"training a {args.vocab_size:,}-token tokenizer on up to {args.max_chars:,} characters "
           f"(documents cut to {args.doc_cap:,}) -> {output}", flush=True)
     texts = iter_texts("train", folder=args.data_dir, max_chars=args.max_chars, doc_cap=args.doc_cap)
@@ -667,7 +656,8 @@ def train_tokenizer(args: argparse.Namespace) -> Tokenizer:
 
 def train_main(argv=None):
     "`nanochat-tok-train`: train on the training shards, save, print time and compression."
-    _user_errors(lambda: train_tokenizer(parse_args_with_preset(train_parser(), argv)))
+    with cli_errors("nanochat-tok-train"):
+        train_tokenizer(parse_args_with_preset(train_parser(), argv))
 
 # %% ../nbs/01_tokenizer.ipynb #39acd683
 def eval_parser() -> argparse.ArgumentParser:
@@ -725,7 +715,8 @@ def eval_report(args: argparse.Namespace) -> list[dict]:
 
 def eval_main(argv=None):
     "`nanochat-tok-eval`: bytes per token on train/val shards and the course's samples, against GPT-2/GPT-4."
-    _user_errors(lambda: eval_report(parse_args_with_preset(eval_parser(), argv)))
+    with cli_errors("nanochat-tok-eval"):
+        eval_report(parse_args_with_preset(eval_parser(), argv))
 
 
 def main(argv=None):
@@ -733,7 +724,9 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": train_main, "eval": eval_main}
     if not argv or argv[0] not in commands:
-        raise SystemExit("usage: python -m nanochat_nb.tokenizer {train,eval} [flags]  (--help after the command for its flags)")
+        with cli_errors("python -m nanochat_nb.tokenizer"):
+            given = f"{argv[0]!r} is not a command" if argv else "no command given"
+            raise UserError(f"{given}: use {{train,eval}} followed by its flags (--help after it lists them).")
     commands[argv[0]](argv[1:])
 
 # %% ../nbs/01_tokenizer.ipynb #6cbf6e3c

@@ -6,15 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import gc
-import importlib.util
 import itertools
 import json
 import math
 import os
-import pickle
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -24,25 +20,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastcore.basics import IN_NOTEBOOK
 from tqdm.auto import tqdm
 
-from .common import (RunLogger, cleanup_distributed, compute_dtype, init_distributed, nanochat_home,
+from . import checkpoint
+from .common import (RunLogger, UserError, all_gather_object, all_reduce_mean, atomic_write, barrier,
+                                cleanup_distributed, cli_errors, compute_dtype, init_distributed, nanochat_home,
                                 parse_args_with_preset, peak_flops, print0, seed_everything)
+from .core_eval import SAMPLE_PROMPTS, evaluate_bpb, greedy_samples
 from .dataloader import BestFitLoader
-from .gpt import GPT, PAD_VOCAB_TO, GPTConfig, checkpoint_steps, load_model_state
+from .dataset import list_shards
+from .gpt import GPT, PAD_VOCAB_TO, GPTConfig, load_model_state
 from .optim import setup_optimizer
 from .tokenizer import load_token_bytes, load_tokenizer
 
 # %% auto #0
 __all__ = ['REF_DEPTH', 'REF_BATCH', 'BATCH_EXPONENT', 'MOMENTUM_WARMUP_STEPS', 'BASE_LRS', 'WIDTH_SCALED', 'BATCH_UNSCALED',
-           'SAMPLE_PROMPTS', 'VAL_CACHE_BYTES', 'CPU_COMPILE_MIN_STEPS', 'ASSUMED_MFU', 'USER_ERRORS', 'model_shape',
-           'value_embedding_layers', 'scaling_params', 'window_sizes', 'flops_per_token', 'PlanError', 'TrainPlan',
-           'auto_batch_size', 'scaled_lrs', 'derive_plan', 'save_checkpoint', 'load_checkpoint', 'rng_state',
-           'set_rng_state', 'CheckpointMismatch', 'check_compatible', 'build_parser', 'plan_from_args', 'describe_plan',
-           'ResumableBatches', 'TrainingDiverged', 'LoopState', 'default_run_dir', 'build_model', 'use_compile',
-           'device_peak_flops', 'evaluate_val', 'Progress', 'Trainer', 'measure_step_seconds', 'dry_run', 'train',
-           'main']
+           'VAL_CACHE_BYTES', 'CPU_COMPILE_MIN_STEPS', 'ASSUMED_MFU', 'model_shape', 'value_embedding_layers',
+           'scaling_params', 'window_sizes', 'flops_per_token', 'PlanError', 'TrainPlan', 'auto_batch_size',
+           'scaled_lrs', 'derive_plan', 'build_parser', 'plan_from_args', 'describe_plan', 'ResumableBatches',
+           'TrainingDiverged', 'LoopState', 'default_run_dir', 'build_model', 'use_compile', 'device_peak_flops',
+           'Progress', 'Trainer', 'measure_step_seconds', 'dry_run', 'train', 'main']
 
 # %% ../nbs/06_train.ipynb #05037136
 def model_shape(depth: int, aspect_ratio: int = 64, head_dim: int = 128) -> tuple[int, int]:
@@ -92,7 +89,7 @@ WIDTH_SCALED = ("unembedding", "embedding", "value_embedding")  # AdamW groups s
 BATCH_UNSCALED = ("smear",)
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     "A training plan that cannot be run, with a message saying what to change."
 
 # %% ../nbs/06_train.ipynb #a628e2b8
@@ -223,6 +220,8 @@ def derive_plan(depth: int, vocab_size: int = 32768, *, max_seq_len: int = 2048,
                         f"= {device_batch_size} x {max_seq_len} x {world_size} = {tokens_per_micro_step:,}: "
                         "change --total-batch-size or --device-batch-size.")
     grad_accum_steps = batch // tokens_per_micro_step
+    if not isinstance(emulated_ranks, int) or emulated_ranks < 1:
+        raise PlanError(f"--emulate-ranks must be a positive number of ranks, got {emulated_ranks!r}.")
     if grad_accum_steps % emulated_ranks:
         raise PlanError(f"{grad_accum_steps} micro-steps per step cannot be split evenly over {emulated_ranks} emulated ranks.")
 
@@ -246,101 +245,6 @@ def derive_plan(depth: int, vocab_size: int = 32768, *, max_seq_len: int = 2048,
         lrs=scaled_lrs({**BASE_LRS, **(base_lrs or {})}, lr_scale, n_embd),
         device_batch_size=device_batch_size, world_size=world_size, grad_accum_steps=grad_accum_steps,
         warmup_steps=warmup_steps, warmdown_ratio=warmdown_ratio, final_lr_frac=final_lr_frac)
-
-# %% ../nbs/06_train.ipynb #9b85b3bc
-def _atomic_write(path: Path, write):
-    "Write a file through `write(f)` under a temporary name, fsync it, then rename it into place."
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def save_checkpoint(folder: str | Path, step: int, model_state: dict, optim_state: dict | None, meta: dict,
-                    rank: int = 0):
-    "Write a checkpoint atomically in nanochat's layout; every process calls it (each saves its optimizer shard)."
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if optim_state is not None:
-        _atomic_write(folder / f"optim_{step:06d}_rank{rank}.pt", lambda f: torch.save(optim_state, f))
-    _barrier()
-    if rank == 0:
-        for stale in folder.glob(".*.tmp*"):  # left behind by a process killed mid-write
-            stale.unlink(missing_ok=True)
-        _atomic_write(folder / f"model_{step:06d}.pt", lambda f: torch.save(model_state, f))
-        _atomic_write(folder / f"meta_{step:06d}.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
-    _barrier()
-
-
-def load_checkpoint(folder: str | Path, step: int | None = None, device="cpu", rank: int = 0,
-                    load_optimizer: bool = True) -> tuple[dict, dict | None, dict]:
-    "(model state, optimizer state of `rank` or None, meta) of checkpoint `step` (default: the latest)."
-    folder = Path(folder)
-    steps = checkpoint_steps(folder)
-    if not steps:
-        raise FileNotFoundError(f"No checkpoint in {folder}: train one first (nanochat-base-train), or check --run-dir.")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"No checkpoint for step {step} in {folder}: it has steps {', '.join(map(str, steps))}.")
-    meta = json.loads((folder / f"meta_{step:06d}.json").read_text())
-    model_state = torch.load(folder / f"model_{step:06d}.pt", map_location=device, weights_only=True)
-    optim_state = None
-    if load_optimizer:
-        optim_path = folder / f"optim_{step:06d}_rank{rank}.pt"
-        if not optim_path.is_file():
-            raise FileNotFoundError(f"{optim_path.name} is missing: the checkpoint was written by "
-                                    f"{meta.get('world_size', '?')} process(es); resume with as many.")
-        optim_state = torch.load(optim_path, map_location=device, weights_only=True)
-    return model_state, optim_state, meta
-
-# %% ../nbs/06_train.ipynb #6639f34e
-def rng_state() -> str:
-    "Python's, NumPy's and torch's random states, serialised as base64 text."
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    return base64.b64encode(pickle.dumps(state)).decode()
-
-
-def set_rng_state(text: str):
-    "Restore the random states saved by `rng_state`."
-    state = pickle.loads(base64.b64decode(text))
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-# %% ../nbs/06_train.ipynb #d73e7a25
-class CheckpointMismatch(ValueError):
-    "A checkpoint that does not fit the run that tries to resume from it."
-
-
-def check_compatible(meta: dict, model_config: dict, world_size: int, folder: Path):
-    "Refuse a checkpoint of another depth, width, vocabulary or number of processes, saying what to do."
-    saved = meta["model_config"]
-    if (saved["n_layer"], saved["vocab_size"]) != (model_config["n_layer"], model_config["vocab_size"]):
-        raise CheckpointMismatch(
-            f"The checkpoint in {folder} (step {meta['step']}) is depth {saved['n_layer']} with vocab {saved['vocab_size']}, "
-            f"but this run is depth {model_config['n_layer']} with vocab {model_config['vocab_size']}: "
-            "resume with the same --depth and tokenizer, or train into another --run-dir.")
-    for key, value in model_config.items():
-        if saved.get(key) != value:
-            raise CheckpointMismatch(f"The checkpoint in {folder} has {key}={saved.get(key)!r} but this run has "
-                                     f"{value!r}: resume with the same flags, or train into another --run-dir.")
-    if meta.get("world_size", 1) != world_size:
-        raise CheckpointMismatch(f"The checkpoint in {folder} was written by {meta.get('world_size')} process(es); "
-                                 f"this run has {world_size}: resume with the same --nproc_per_node.")
 
 # %% ../nbs/06_train.ipynb #76958919
 def build_parser() -> argparse.ArgumentParser:
@@ -376,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tokenizer-dir", help="tokenizer folder (default: <home>/tokenizer)")
     run = p.add_argument_group("runtime")
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
-    run.add_argument("--resume-step", type=int, default=-1, help="with --resume: continue from this step instead")
+    run.add_argument("--resume-step", type=int, default=-1, help="continue from this step; the checkpoints after it "
+                     "are moved into a dated subfolder")
+    run.add_argument("--allow-mismatch", default="", help="resume although the checkpoint was trained with another "
+                     "tokenizer and/or other data: 'tokenizer', 'data' or 'tokenizer,data'")
     run.add_argument("--dry-run", action="store_true", help="print the plan and the estimated time, then stop")
     run.add_argument("--device-type", default="", help="cuda, mps or cpu (default: the best available)")
     run.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the model")
@@ -457,16 +364,11 @@ class ResumableBatches:
         self._position = self._current_position()
 
 # %% ../nbs/06_train.ipynb #97772cc0
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
-                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
-                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
-
-
 VAL_CACHE_BYTES = 2**29  # validation batches up to this size stay in memory between evaluations
 
 
-class TrainingDiverged(RuntimeError):
-    "The loss stopped being finite."
+class TrainingDiverged(UserError):
+    "The loss, the validation number or the weights stopped being finite."
 
 
 @dataclass
@@ -482,21 +384,6 @@ class LoopState:
 
 def default_run_dir(depth: int) -> Path:
     return nanochat_home() / "base_checkpoints" / f"d{depth}"
-
-
-def _all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
-    if world_size > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
-        value = value / world_size
-    return value
-
-
-def _gather(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 # %% ../nbs/06_train.ipynb #fa264288
 def build_model(plan: TrainPlan, device: torch.device, seed: int = 42) -> GPT:
@@ -532,19 +419,6 @@ def _synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def evaluate_val(model, batches, token_bytes: torch.Tensor, world_size: int) -> tuple[str, float]:
-    "('val_bpb', bits per byte) with the eval chapter's `evaluate_bpb`, else ('val_loss', mean loss)."
-    if importlib.util.find_spec("nanochat_nb.core_eval") is not None:
-        from nanochat_nb.core_eval import evaluate_bpb
-        return "val_bpb", evaluate_bpb(model, batches, token_bytes)
-    total, count = torch.zeros((), dtype=torch.float64), 0
-    for inputs, targets in batches:
-        total += model(inputs, targets).double().cpu()
-        count += 1
-    total = _all_reduce_mean(total.to(token_bytes.device), world_size)
-    return "val_loss", total.item() / max(count, 1)
-
-
 def _write(progress, text: str):
     if progress is not None:
         progress.write(text)
@@ -558,7 +432,7 @@ class Progress:
     def __init__(self, total: int, initial: int, every: int, enabled: bool = True):
         self.enabled, self.total = enabled, total
         self.every = every if every > 0 else max(1, total // 20)
-        interactive = IN_NOTEBOOK or sys.stderr.isatty()
+        interactive = "ipykernel" in sys.modules or sys.stderr.isatty()
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True) if enabled and interactive else None
 
     def update(self, step: int, record: dict):
@@ -583,10 +457,12 @@ class Progress:
 
 # %% ../nbs/06_train.ipynb #e32bb15d
 class Trainer:
-    "One base-training run: `Trainer(args)` checks and plans, `setup()` builds, `run()` trains."
+    "One base-training run: `Trainer(args)` checks and plans, `setup()` builds, `run()` trains, `close()` lets go."
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self.allow = checkpoint.parse_allowed(args.allow_mismatch)
+        self.resume = args.resume or args.resume_step >= 0
         self.tokenizer = load_tokenizer(args.tokenizer_dir)   # a missing tokenizer fails here, before any work
         self.dist = init_distributed(args.device_type or None)
         self.device = self.dist.device
@@ -594,23 +470,32 @@ class Trainer:
         self.plan = plan_from_args(args, self.tokenizer.vocab_size, self.dist.world_size)
         self.run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.depth)
         self.state = LoopState()
+        self.lock = self.model = self.optimizer = self.batches = self.logger = None
+        self.step_model = self.eval_model = self.scaler = self.token_bytes = None
+        self.resumed_at, self.first_step, self.peak_flops, self._val_batches = None, 0, float("nan"), None
+
+    def identity(self) -> dict:
+        "What this run's checkpoints must match to be resumed: model, processes, tokenizer and data."
+        return {"model_config": self.plan.model_config(), "world_size": self.dist.world_size,
+                "emulate_ranks": self.args.emulate_ranks,
+                "tokenizer": checkpoint.tokenizer_fingerprint(self.tokenizer),
+                "data": checkpoint.data_fingerprint(list_shards())}
 
     # ---- setup -------------------------------------------------------------------------------------------
     def setup(self):
-        "Check the run folder, build model, optimizer and data, restore a checkpoint if resuming."
+        "Lock and check the run folder, build model, optimizer and data, restore a checkpoint if resuming."
+        self.lock = checkpoint.lock_run_folder(self.run_dir, self.dist.rank)
         self._check_run_dir()
+        checkpoint.keep_tokenizer_copy(self.run_dir, self.tokenizer, self.allow, self.dist.rank)
         self.model = build_model(self.plan, self.device, self.args.seed)
         compiled = use_compile(self.args.compile, self.device, self.plan)
         self.optimizer = setup_optimizer(
             self.model, **{f"{name}_lr": getattr(self.args, f"{name}_lr") for name in BASE_LRS},
             weight_decay=self.plan.weight_decay, lr_scale=self.plan.lr_scale, world_size=self.dist.world_size,
             compile=compiled)
-        emulated, world = self.args.emulate_ranks, self.dist.world_size
-        self.batches = ResumableBatches([
-            BestFitLoader(self.tokenizer, self.plan.device_batch_size, self.plan.max_seq_len, split="train",
-                          device=self.device, rank=self.dist.rank + world * k, world_size=world * emulated)
-            for k in range(emulated)])
-        self.resumed_at = self._restore() if self.args.resume else None
+        self.batches = self._train_batches()
+        if self.resume:
+            self.resumed_at = self._restore()
         self.step_model = self.eval_model = self.model
         if compiled:
             self.step_model = torch.compile(self.model, dynamic=False)
@@ -621,40 +506,59 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device, self.dtype) * self.dist.world_size
         self.token_bytes = load_token_bytes(self.args.tokenizer_dir).to(self.device)
         if self.dist.is_main:
-            (self.run_dir / "plan.json").write_text(json.dumps(asdict(self.plan), indent=2))
-            self.tokenizer.save(self.run_dir / "tokenizer")
+            atomic_write(self.run_dir / "plan.json", json.dumps(asdict(self.plan), indent=2))
         return self
 
+    def _train_batches(self) -> ResumableBatches:
+        emulated, world = self.args.emulate_ranks, self.dist.world_size
+        return ResumableBatches([
+            BestFitLoader(self.tokenizer, self.plan.device_batch_size, self.plan.max_seq_len, split="train",
+                          device=self.device, rank=self.dist.rank + world * k, world_size=world * emulated)
+            for k in range(emulated)])
+
     def _check_run_dir(self):
-        steps = checkpoint_steps(self.run_dir)
-        if self.args.resume and not steps:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir}; start without --resume, or point --run-dir at the run.")
-        if not self.args.resume and steps:
-            raise FileExistsError(f"{self.run_dir} already holds checkpoints (latest step {steps[-1]}): pass --resume "
-                                  "to continue that run, or --run-dir for a new one (nothing was overwritten).")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        found = checkpoint.steps(self.run_dir)
+        if self.resume and not found:
+            raise checkpoint.CheckpointError(f"--resume: no checkpoint in {self.run_dir}; start without --resume, "
+                                             "or point --run-dir at the run.")
+        if not self.resume and found:
+            raise UserError(f"{self.run_dir} already holds checkpoints (latest step {found[-1]}): pass --resume "
+                            "to continue that run, or --run-dir for a new one (nothing was overwritten).")
         log = self.run_dir / "log.jsonl"
-        if not self.args.resume and log.exists() and self.dist.is_main:  # a run that died before its first checkpoint
+        if not self.resume and log.exists() and self.dist.is_main:  # a run that died before its first checkpoint
             log.rename(log.with_name(f"log.{int(log.stat().st_mtime)}.jsonl"))
 
     def _restore(self) -> int:
-        step = self.args.resume_step if self.args.resume_step >= 0 else None
-        model_state, optim_state, meta = load_checkpoint(self.run_dir, step, self.device, self.dist.rank)
-        check_compatible(meta, self.plan.model_config(), self.dist.world_size, self.run_dir)
-        if meta.get("emulate_ranks", 1) != self.args.emulate_ranks:
-            raise CheckpointMismatch(f"The checkpoint in {self.run_dir} was trained with --emulate-ranks "
-                                     f"{meta.get('emulate_ranks', 1)}: resume with the same.")
+        step = checkpoint.resolve_step(self.run_dir, self.args.resume_step if self.args.resume_step >= 0 else None)
+        if self.args.resume_step >= 0 and self.dist.is_main:
+            aside = checkpoint.set_aside_after(self.run_dir, step)
+            if aside is not None:
+                print0(f"--resume-step {step}: the checkpoints after step {step} were moved to {aside}")
+        barrier()
+        model_state, optim_state, meta = checkpoint.load(self.run_dir, step, self.device, self.dist.rank)
+        identity = self.identity()
+        checkpoint.check_identity(meta, identity, self.run_dir, self.allow)
         load_model_state(self.model, model_state)
         self.optimizer.load_state_dict(optim_state)
-        self.batches.load_state_dict(meta["batch_positions"][self.dist.rank])
-        set_rng_state(meta["rng_states"][self.dist.rank])
+        if meta.get("data") in (None, identity["data"]):
+            self.batches.load_state_dict(meta["batch_positions"][self.dist.rank])
+        else:  # allowed by --allow-mismatch data: a position in other shards means nothing here
+            print0("--allow-mismatch data: the shards differ from the checkpoint's, so they are read from the start")
+        checkpoint.set_rng_state(meta["rng_states"][self.dist.rank])
         self.state = LoopState(**meta["loop_state"])
         print0(f"resumed from step {self.state.step} of {self.run_dir}")
         return self.state.step
 
+    def close(self):
+        "Stop the data loaders and release the run folder."
+        if self.batches is not None:
+            self.batches.close()
+        if self.lock is not None:
+            self.lock.release()
+
     # ---- the loop ----------------------------------------------------------------------------------------
     def run(self) -> dict:
-        "Train to the end of the plan; returns a summary. Raises `TrainingDiverged` if the loss stops being finite."
+        "Train to the end of the plan; returns a summary. Raises `TrainingDiverged` if anything stops being finite."
         args, plan, state = self.args, self.plan, self.state
         progress = Progress(plan.num_iterations, state.step, args.log_every, self.dist.is_main)
         inputs, targets = next(self.batches)
@@ -679,13 +583,12 @@ class Trainer:
         finally:
             gc.unfreeze()
             progress.close()
-            self.batches.close()
         return {"run_dir": str(self.run_dir), "step": state.step, "val_bpb": state.val_bpb,
                 "min_val_bpb": state.min_val_bpb, "train_seconds": state.train_seconds}
 
-    def _set_schedules(self, step: int) -> float:
+    def _set_schedules(self, step: int, optimizer=None) -> float:
         lrm = self.plan.lr_multiplier(step)
-        for group in self.optimizer.param_groups:
+        for group in (optimizer or self.optimizer).param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"] = self.plan.muon_momentum(step)
@@ -706,9 +609,9 @@ class Trainer:
             loss = loss / accum   # .backward() adds up gradients: average them over the micro-steps
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             inputs, targets = next(self.batches)   # fetched while the GPU still works on the backward pass
-        loss = _all_reduce_mean(loss_sum / accum, self.dist.world_size).item()
+        loss = all_reduce_mean(loss_sum / accum).item()
         if not math.isfinite(loss):
-            raise TrainingDiverged(self._diverged_message(loss))
+            raise TrainingDiverged(self._diverged_message(f"The training loss became {loss} at step {state.step + 1}"))
         self._optimizer_step()
         self.model.zero_grad(set_to_none=True)
         _synchronize(self.device)
@@ -726,11 +629,11 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def _diverged_message(self, loss: float) -> str:
-        saved = checkpoint_steps(self.run_dir)
-        kept = f"the last good checkpoint is step {saved[-1]} in {self.run_dir}" if saved else "no checkpoint was written"
-        return (f"The training loss became {loss} at step {self.state.step + 1}; training stopped and {kept}. "
-                "Lower the learning rates (e.g. --matrix-lr, --embedding-lr) or use a smaller --total-batch-size.")
+    def _diverged_message(self, what: str) -> str:
+        good = checkpoint.latest(self.run_dir)  # only finite weights are ever saved
+        kept = f"the last good checkpoint is step {good} in {self.run_dir}" if good is not None else "no checkpoint was written"
+        return (f"{what}; training stopped and {kept}. Lower the learning rates (e.g. --matrix-lr, --embedding-lr) "
+                "or use a smaller --total-batch-size.")
 
     def _record(self, loss: float, lrm: float, seconds: float) -> dict:
         plan, state = self.plan, self.state
@@ -752,7 +655,7 @@ class Trainer:
     # ---- evaluation, samples, checkpoints ---------------------------------------------------------------
     def validation_batches(self) -> list:
         "The first `eval_tokens` tokens of the validation split, the same at every evaluation (kept if small)."
-        if getattr(self, "_val_batches", None) is not None:
+        if self._val_batches is not None:
             return self._val_batches
         plan, world = self.plan, self.dist.world_size
         loader = BestFitLoader(self.tokenizer, plan.device_batch_size, plan.max_seq_len, split="val",
@@ -767,46 +670,46 @@ class Trainer:
         return batches
 
     def evaluate(self, progress=None):
-        "Validation bits per byte (or mean loss, without the eval chapter) on `eval_tokens` tokens."
+        "Validation bits per byte on `eval_tokens` tokens; a non-finite value stops the run."
         batches = self.validation_batches()
         self.model.eval()
         try:
             with torch.no_grad():
-                name, value = evaluate_val(self.eval_model, batches, self.token_bytes, self.dist.world_size)
+                value = evaluate_bpb(self.eval_model, batches, self.token_bytes)
         finally:
             self.model.train()
         plan, state = self.plan, self.state
+        if not math.isfinite(value):
+            raise TrainingDiverged(self._diverged_message(f"The validation bits per byte became {value} at step {state.step}"))
         state.val_bpb = value
         state.min_val_bpb = min(state.min_val_bpb, value)
         tokens = state.step * plan.total_batch_size
-        self.logger.log(state.step, **{name: value, "tokens": tokens, "flops": plan.flops_per_token * tokens})
-        _write(progress, f"step {state.step:05d} | {name} {value:.4f}")
+        self.logger.log(state.step, val_bpb=value, tokens=tokens, flops=plan.flops_per_token * tokens)
+        _write(progress, f"step {state.step:05d} | val_bpb {value:.4f}")
 
     def sample(self, progress=None):
-        "Greedy continuations of a few fixed prompts (rank 0)."
+        "Greedy continuations of the course's sample prompts (rank 0)."
         if not self.dist.is_main:
             return
         self.model.eval()
-        samples = {}
-        for prompt in SAMPLE_PROMPTS:
-            ids = self.tokenizer.encode(prompt, prepend="<|bos|>")
-            samples[prompt] = self.tokenizer.decode(list(self.model.generate(ids, max_tokens=16, temperature=0)))
-            _write(progress, f"  {prompt!r} -> {samples[prompt]!r}")
+        samples = dict(zip(SAMPLE_PROMPTS, greedy_samples(self.model, self.tokenizer)))
         self.model.train()
+        for text in samples.values():
+            _write(progress, "  " + text.replace("\n", " "))
         self.logger.log(self.state.step, samples=samples)
 
     def save(self):
         "A checkpoint of everything the rest of the run depends on (every process takes part)."
-        world, state = self.dist.world_size, self.state
-        positions = _gather(self.batches.state_dict(), world)
-        meta = {"step": state.step, "val_bpb": state.val_bpb, "model_config": self.plan.model_config(),
-                "user_config": vars(self.args), "device_batch_size": self.plan.device_batch_size,
+        state = self.state
+        positions = all_gather_object(self.batches.state_dict())
+        meta = {"val_bpb": state.val_bpb, "user_config": vars(self.args), "device_batch_size": self.plan.device_batch_size,
                 "max_seq_len": self.plan.max_seq_len, "total_batch_size": self.plan.total_batch_size,
-                "world_size": world, "emulate_ranks": self.args.emulate_ranks, "plan": asdict(self.plan),
-                "dataloader_state_dict": positions[0]["streams"][0], "loop_state": asdict(state),
-                "batch_positions": positions, "rng_states": _gather(rng_state(), world)}
-        save_checkpoint(self.run_dir, state.step, self.model.state_dict(), self.optimizer.state_dict(), meta,
-                        self.dist.rank)
+                "plan": asdict(self.plan), "loop_state": asdict(state), "batch_positions": positions,
+                "rng_states": all_gather_object(checkpoint.rng_state()), **self.identity()}
+        try:
+            checkpoint.save(self.run_dir, state.step, self.model, self.optimizer.state_dict(), meta, self.dist.rank)
+        except checkpoint.NonFiniteWeights as error:
+            raise TrainingDiverged(self._diverged_message(str(error).rstrip("."))) from None
 
 # %% ../nbs/06_train.ipynb #b471aad8
 ASSUMED_MFU = 0.4
@@ -831,8 +734,7 @@ def measure_step_seconds(trainer: Trainer, repeats: int = 2) -> float:
         return (time.perf_counter() - start) / repeats
 
     micro = timed(lambda: model(inputs, targets).backward())
-    trainer.optimizer = optimizer
-    trainer._set_schedules(0)
+    trainer._set_schedules(0, optimizer)
     update = timed(optimizer.step)
     return plan.grad_accum_steps * micro + update
 
@@ -862,21 +764,17 @@ def train(args: argparse.Namespace) -> dict:
     print0(describe_plan(trainer.plan))
     if args.dry_run:
         return dry_run(trainer)
-    return trainer.setup().run()
-
-
-USER_ERRORS = (PlanError, CheckpointMismatch, TrainingDiverged, FileNotFoundError, FileExistsError)
+    try:
+        return trainer.setup().run()
+    finally:
+        trainer.close()
 
 
 def main(argv=None):
-    "`nanochat-base-train`: pretrain a base model (also under torchrun)."
-    args = parse_args_with_preset(build_parser(), argv)
-    try:
+    "`nanochat-base-train`: pretrain a base model (also under torchrun); bad input exits 2 with one line."
+    with cli_errors("nanochat-base-train"):
+        args = parse_args_with_preset(build_parser(), argv)
         summary = train(args)
-    except USER_ERRORS as error:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        raise SystemExit(f"nanochat-base-train: {error}")
     cleanup_distributed()
     if not args.dry_run:
         print0(f"done: step {summary['step']}, run folder {summary['run_dir']}")

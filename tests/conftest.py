@@ -52,3 +52,21 @@ def run_python(*args, env=None, timeout=600, cwd=REPO):
     import subprocess
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
+
+
+def one_line_error(done, prog: str) -> str:
+    "The message of a command that failed on bad input: exit code 2, one line on stderr, no traceback."
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"{prog}: "), done.stderr
+    return done.stderr.strip()
+
+
+def assert_user_error(capsys, message, fn, *args):
+    "fn(*args), in this process, exits with code 2 and one stderr line containing `message`, no traceback."
+    import pytest
+    with pytest.raises(SystemExit) as error:
+        fn(*args)
+    err = capsys.readouterr().err.strip()
+    assert error.value.code == 2, err
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err

@@ -1,10 +1,16 @@
-"""The ground floor: presets, the data folder's errors, and a real two-process all-reduce."""
+"""The ground floor: presets, the data folder's errors, errors a user can act on, packaging, and a real two-process
+all-reduce."""
 import argparse
-import json
+import ast
+import os
+import re
+import subprocess
+import sys
+import zipfile
 
 import pytest
 
-from conftest import REPO, run_python
+from conftest import REPO, one_line_error, run_python
 from nanochat_nb import common
 
 
@@ -17,6 +23,49 @@ def test_presets_cover_the_course_sizes():
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(KeyError, match="tiny.*cpu.*gpu1.*speedrun"):
         common.load_preset("gpu8")
+    with pytest.raises(common.UserError) as error:
+        common.load_preset("gpu8")
+    assert str(error.value).startswith("Unknown preset 'gpu8': choose one of tiny, cpu, gpu1, speedrun")
+
+
+def test_unknown_preset_on_the_command_line():
+    done = run_python("-m", "nanochat_nb.dataset", "check", "--preset", "nope")
+    assert "Unknown preset 'nope': choose one of tiny, cpu" in one_line_error(done, "nanochat-data")
+
+
+def test_preset_value_of_the_wrong_type(tmp_path, monkeypatch):
+    settings = tmp_path / "settings.ini"
+    settings.write_text("[mine]\nnum-shards = abc\n")
+    done = run_python("-m", "nanochat_nb.dataset", "check", "--preset", "mine",
+                      env={"NANOCHAT_SETTINGS": str(settings)})
+    message = one_line_error(done, "nanochat-data")
+    assert f"Preset 'mine' sets num-shards = 'abc', which is not a valid int: fix it in {settings}." in message
+    settings.write_text("[mine]\nno-progress = maybe\n")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset")
+    parser.add_argument("--no-progress", action="store_true")
+    monkeypatch.setenv("NANOCHAT_SETTINGS", str(settings))
+    with pytest.raises(common.PresetValueError, match="no-progress = 'maybe', which is not a valid boolean"):
+        common.parse_args_with_preset(parser, ["--preset", "mine"])
+
+
+def test_home_that_cannot_be_created(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    home = tmp_path / "a_file" / "home"
+    done = run_python("-m", "nanochat_nb.tokenizer", "eval", env={"NANOCHAT_HOME": str(home)})
+    message = one_line_error(done, "nanochat-tok-eval")
+    assert f"Cannot create the home folder {home}" in message and "set NANOCHAT_HOME to a writable folder" in message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
+def test_home_that_is_not_writable(tmp_path, monkeypatch):
+    tmp_path.chmod(0o500)
+    monkeypatch.setenv("NANOCHAT_HOME", str(tmp_path))
+    try:
+        with pytest.raises(common.UserError, match="is not writable: set NANOCHAT_HOME to a writable folder"):
+            common.nanochat_home()
+    finally:
+        tmp_path.chmod(0o700)
 
 
 def test_flags_override_preset_values():
@@ -70,3 +119,63 @@ def test_torchrun_all_reduce_on_two_cpu_processes(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     results = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert results == ["2 3.0", "2 3.0"]  # 1 + 2 on both ranks
+
+
+# ---- packaging -------------------------------------------------------------------------------------------------
+
+def test_presets_file_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("NANOCHAT_SETTINGS", raising=False)
+    assert common.settings_path() == REPO / "settings.ini"  # the file a learner edits, in a checkout
+    mine = tmp_path / "mine.ini"
+    mine.write_text("[mine]\ndepth = 3\n")
+    monkeypatch.setenv("NANOCHAT_SETTINGS", str(mine))
+    assert common.settings_path() == mine and common.preset_names() == ["mine"]
+    mine.write_text("depth = 3\n")  # no [section] line
+    with pytest.raises(common.UserError, match=f"The presets file {mine} cannot be parsed"):
+        common.load_preset("mine")
+
+
+def test_wheel_ships_the_presets(tmp_path, monkeypatch):
+    """Build a wheel from a copy of the package (the tree itself stays untouched), then import it from a bare folder,
+    away from the repository: the presets must come with it."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "settings.ini"):
+        (source / name).write_bytes((REPO / name).read_bytes())
+    subprocess.run(["cp", "-a", str(REPO / "nanochat_nb"), str(source)], check=True)  # -a: keeps the link a link
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "dist"), "."], cwd=source, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    wheel, = (tmp_path / "dist").glob("nanochat_nb-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert archive.read("nanochat_nb/settings.ini") == (REPO / "settings.ini").read_bytes()
+        archive.extractall(tmp_path / "site")
+    monkeypatch.delenv("NANOCHAT_SETTINGS", raising=False)
+    code = "from nanochat_nb import common; print(common.settings_path()); print(common.load_preset('tiny')['depth'])"
+    done = run_python("-c", code, env={"PYTHONPATH": str(tmp_path / "site")}, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(tmp_path / "site" / "nanochat_nb" / "settings.ini"), "2"]
+
+
+def third_party_imports() -> set[str]:
+    "Top-level modules outside the standard library that the package imports (an import inside `try:` is optional)."
+    names = set()
+    for path in (REPO / "nanochat_nb").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        optional = {id(node) for t in ast.walk(tree) if isinstance(t, ast.Try) for s in t.body for node in ast.walk(s)}
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"nanochat_nb"}
+
+
+def test_dependencies_are_what_the_package_imports():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    distributions = {re.match(r"[A-Za-z0-9_.-]+", spec)[0].lower() for spec in declared}
+    module_of = {"pyyaml": "yaml"}  # distributions whose module has another name
+    assert {module_of.get(name, name) for name in distributions} == third_party_imports()

@@ -378,15 +378,34 @@ def test_bpb_of_a_uniform_model_on_real_text(tokenizer, data_root):
 
 from conftest import run_python
 
+from nanochat_nb.checkpoint import CheckpointError, checkpoint_tokenizer_dir
+from nanochat_nb.core_eval import SAMPLE_PROMPTS, greedy_samples, latest_checkpoint_dir, result_stem
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, small_model, tokenizer):
-    "A checkpoint folder in nanochat's format, with the tokenizer copied in, as training leaves it."
-    from nanochat_nb.gpt import save_model_checkpoint
+    "A run folder as training leaves it: checkpoint 7 (with the tokenizer's fingerprint) and a copy of the tokenizer."
+    from nanochat_nb.checkpoint import save, tokenizer_fingerprint
     folder = tmp_path_factory.mktemp("run") / "d2"
-    save_model_checkpoint(folder, 7, small_model)
+    save(folder, 7, small_model, meta={"tokenizer": tokenizer_fingerprint(tokenizer)})
     tokenizer.save(folder / "tokenizer")
     return folder
+
+
+def copy_run(checkpoint: Path, dest: Path) -> Path:
+    shutil.copytree(checkpoint, dest)
+    return dest
+
+
+def eval_cli(*flags):
+    return run_python("-m", "nanochat_nb.core_eval", *map(str, flags), timeout=300)
+
+
+def one_line_error(out) -> str:
+    "The stderr of a command that should have failed on bad input: exit code 2 and a single line, no traceback."
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("nanochat-base-eval: "), out.stderr[-3000:]
+    return lines[0]
 
 
 def test_cli_writes_results_and_matches_torchrun(checkpoint, tmp_path):
@@ -411,26 +430,92 @@ def test_cli_writes_results_and_matches_torchrun(checkpoint, tmp_path):
 
 
 def test_cli_bad_input(checkpoint, tmp_path):
-    out = run_python("-m", "nanochat_nb.core_eval", "--checkpoint", str(checkpoint), "--eval", "core,speed")
-    assert out.returncode != 0 and "--eval 'core,speed' is not a list of core, bpb, sample" in out.stderr
-    out = run_python("-m", "nanochat_nb.core_eval", "--checkpoint", str(checkpoint), "--bundle-dir", str(tmp_path / "x"))
-    assert out.returncode != 0 and "does not exist" in out.stderr and "--download-bundle" in out.stderr
+    line = one_line_error(eval_cli("--checkpoint", checkpoint, "--eval", "core,speed"))
+    assert "--eval 'core,speed' is not a list of core, bpb, sample" in line
+    line = one_line_error(eval_cli("--checkpoint", checkpoint, "--bundle-dir", tmp_path / "x"))
+    assert "does not exist" in line and "--download-bundle" in line
+    line = one_line_error(eval_cli("--checkpoint", tmp_path / "nowhere", "--eval", "sample"))
+    assert f"{tmp_path / 'nowhere'} does not exist" in line
+    line = one_line_error(eval_cli("--checkpoint", checkpoint, "--eval", "sample", "--step", "8"))
+    assert "No checkpoint for step 8" in line and "it has steps 7" in line
+    line = one_line_error(eval_cli("--checkpoint", checkpoint, "--eval", "sample", "--allow-mismatch", "depth"))
+    assert "--allow-mismatch 'depth'" in line
 
 
-def test_checkpoint_and_tokenizer_lookup(tmp_path):
-    from nanochat_nb.core_eval import checkpoint_tokenizer_dir, latest_checkpoint_dir, result_stem
-    with pytest.raises(FileNotFoundError, match="No checkpoint under .*nanochat-base-train"):
-        latest_checkpoint_dir(tmp_path / "base_checkpoints")
-    ours, theirs = tmp_path / "base_checkpoints" / "d4", tmp_path / "base_checkpoints" / "d20"
-    for folder in (ours, theirs):
+def test_cli_names_a_truncated_model_file(checkpoint, tmp_path):
+    run = copy_run(checkpoint, tmp_path / "d2")
+    model_path = run / "model_000007.pt"
+    model_path.write_bytes(model_path.read_bytes()[:-1000])  # as a copy cut short leaves it
+    line = one_line_error(eval_cli("--checkpoint", run, "--eval", "sample", "--out", tmp_path / "out"))
+    assert "model_000007.pt" in line and "damaged" in line
+    assert not (tmp_path / "out").exists()
+
+
+def train_small_tokenizer(data_root, shard: str):
+    from nanochat_nb.tokenizer import Tokenizer
+    import pyarrow.parquet as pq
+    texts = pq.read_table(data_root / "pretrain" / shard, columns=["text"]).column("text").to_pylist()[:100]
+    return Tokenizer.train(iter(texts), vocab_size=300)
+
+
+def test_cli_refuses_another_tokenizer_of_the_same_size(tmp_path, data_root):
+    from nanochat_nb.checkpoint import save, tokenizer_fingerprint
+    ours, other = train_small_tokenizer(data_root, "shard_00000.parquet"), train_small_tokenizer(data_root, "shard_00001.parquet")
+    assert ours.vocab_size == other.vocab_size and tokenizer_fingerprint(ours) != tokenizer_fingerprint(other)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_depth(1, vocab_size=ours.vocab_size, sequence_len=64)).init_weights()
+    run = tmp_path / "run"
+    save(run, 3, model, meta={"tokenizer": tokenizer_fingerprint(ours)})
+    ours.save(run / "tokenizer")
+    other.save(tmp_path / "other_tokenizer")
+    flags = ["--checkpoint", run, "--eval", "sample", "--out", tmp_path / "out"]
+
+    line = one_line_error(eval_cli(*flags, "--tokenizer-dir", tmp_path / "other_tokenizer"))
+    assert "another tokenizer" in line and "--allow-mismatch tokenizer" in line
+    assert not (tmp_path / "out").exists()
+
+    allowed = eval_cli(*flags, "--tokenizer-dir", tmp_path / "other_tokenizer", "--allow-mismatch", "tokenizer")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    samples = json.loads((tmp_path / "out" / "base_eval_000003.json").read_text())["samples"]
+    assert [s[:len(p)] for s, p in zip(samples, SAMPLE_PROMPTS)] == SAMPLE_PROMPTS
+
+    own = eval_cli(*flags)  # the run's own copy in <run>/tokenizer
+    assert own.returncode == 0, own.stderr[-3000:]
+
+
+def test_greedy_samples_match_a_full_forward_per_token(small_model, tokenizer):
+    prompts = SAMPLE_PROMPTS[:3]
+    samples = greedy_samples(small_model, tokenizer, prompts, max_tokens=6)
+    for prompt, sample in zip(prompts, samples):
+        ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
+        for _ in range(6):  # the slow way: the whole sequence again for every new token
+            with torch.no_grad():
+                ids.append(int(small_model(torch.tensor([ids]))[0, -1].argmax()))
+        assert sample == tokenizer.decode(ids[1:]) and sample.startswith(prompt)
+
+
+def test_latest_run_folder_counts_committed_checkpoints_only(tmp_path):
+    import os
+    root = tmp_path / "base_checkpoints"
+    with pytest.raises(CheckpointError, match="No checkpoint under .*nanochat-base-train"):
+        latest_checkpoint_dir(root)
+    older, newer, unfinished = root / "d4", root / "d20", root / "d26"
+    for folder in (older, newer, unfinished):
         folder.mkdir(parents=True)
         (folder / "model_000010.pt").write_bytes(b"")
-    import os
-    os.utime(ours / "model_000010.pt", (1, 1))  # the older one
-    assert latest_checkpoint_dir(tmp_path / "base_checkpoints") == theirs
-    assert checkpoint_tokenizer_dir(theirs) is None  # the default tokenizer folder then
+    (older / "meta_000010.json").write_text("{}")
+    (newer / "meta_000010.json").write_text("{}")
+    os.utime(older / "meta_000010.json", (1, 1))
+    os.utime(unfinished / "model_000010.pt", (2**31, 2**31))  # the newest file, but never committed (no meta)
+    assert latest_checkpoint_dir(root) == newer
+
+
+def test_tokenizer_lookup_and_result_names(tmp_path):
+    run = tmp_path / "base_checkpoints" / "d20"
+    run.mkdir(parents=True)
+    assert checkpoint_tokenizer_dir(run) is None  # the default tokenizer folder then
     (tmp_path / "tokenizer").mkdir()  # nanochat's layout: <base>/tokenizer beside <base>/base_checkpoints
-    assert checkpoint_tokenizer_dir(theirs) == tmp_path / "tokenizer"
-    (ours / "tokenizer").mkdir()  # ours: a copy inside the run folder wins
-    assert checkpoint_tokenizer_dir(ours) == ours / "tokenizer"
+    assert checkpoint_tokenizer_dir(run) == tmp_path / "tokenizer"
+    (run / "tokenizer").mkdir()  # ours: a copy inside the run folder wins
+    assert checkpoint_tokenizer_dir(run) == run / "tokenizer"
     assert (result_stem(500, None), result_stem(500, 16)) == ("base_eval_000500", "base_eval_000500_max16")

@@ -1,5 +1,6 @@
 """Chapter 3: best-fit packing invariants on real data, ranks, exact resume (with the background thread)."""
 import json
+import threading
 import time
 
 import numpy as np
@@ -8,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from nanochat_nb.common import UserError
 from nanochat_nb.dataloader import BestFitLoader, BestFitPacker
 from nanochat_nb.dataset import CorruptShardError, list_shards
 
@@ -140,6 +142,30 @@ def test_corrupt_shard_fails_at_construction(tokenizer, shards, tmp_path):
     (tmp_path / "shard_00001.parquet").write_bytes(shards[6].read_bytes())
     with pytest.raises(CorruptShardError, match=r"shard_00000\.parquet"):
         BestFitLoader(tokenizer, 2, 64, folder=tmp_path)
+
+
+def test_shard_damaged_mid_file_fails_by_name_from_the_background_thread(tokenizer, shards, tmp_path):
+    data = shards[0].read_bytes()
+    middle = len(data) // 2  # inside row group 3
+    (tmp_path / "shard_00000.parquet").write_bytes(data[:middle] + bytes(4096) + data[middle + 4096:])
+    (tmp_path / "shard_00001.parquet").write_bytes(shards[6].read_bytes())
+    # rank 3 of 4 reads row group 3 first: the damaged one
+    loader = BestFitLoader(tokenizer, 2, 64, folder=tmp_path, rank=3, world_size=4, buffer_size=16)
+    raised = []
+
+    def first_batch():
+        try:
+            next(loader)
+        except Exception as error:  # noqa: BLE001
+            raised.append(error)
+    caller = threading.Thread(target=first_batch, daemon=True)
+    caller.start()
+    caller.join(timeout=120)
+    assert not caller.is_alive(), "next() hung on a damaged shard"
+    error, = raised
+    assert isinstance(error, CorruptShardError) and isinstance(error, UserError)
+    assert "shard_00000.parquet has an unreadable row group 3" in str(error)
+    assert loader._thread is None  # the loader stopped its background thread
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -4,10 +4,13 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_python
+from conftest import one_line_error, run_python
+from nanochat_nb.common import UserError
 from nanochat_nb.dataset import (CorruptShardError, RowGroupReader, ShardNotFoundError, download_shards,
                                  ensure_shards, iter_texts, list_shards, main, split_shards, verify_shard)
 
@@ -131,15 +134,16 @@ def test_corrupt_download_is_rejected_and_fetched_again(serve, tmp_path):
     assert any("shard_00000.parquet" in m and "corrupt" in m for m in messages)
 
 
-def test_404_names_the_shard_and_the_others_still_land(serve, tmp_path):
+def test_404_names_the_shard_and_the_others_still_land(serve, tmp_path, capsys):
     server = serve(missing={"shard_00006.parquet"})
     with pytest.raises(ShardNotFoundError, match=r"shard_00006\.parquet.*404"):
         fetch(server, tmp_path)
     assert sorted(p.name for p in tmp_path.glob("shard_*")) == ["shard_00000.parquet", "shard_00001.parquet"]
     assert len(server.gets("shard_00006.parquet")) == 1  # a 404 is not retried
-    with pytest.raises(SystemExit, match=r"shard_00006\.parquet is not on the server"):
+    with pytest.raises(SystemExit) as stop:
         main(["download", "-n", "3", "--base-url", server.url, "--total-shards", "7", "--folder", str(tmp_path),
               "--no-progress"])
+    assert stop.value.code == 2 and "shard_00006.parquet is not on the server" in capsys.readouterr().err
 
 
 def test_corrupt_local_shard_is_reported_and_fetched_again(serve, tmp_path):
@@ -178,7 +182,7 @@ def test_empty_folder_and_single_shard_errors(shared_shards, tmp_path):
         split_shards("test", tmp_path)
 
 
-def test_corrupt_local_shard_is_rejected_by_name(shared_shards, tmp_path):
+def test_corrupt_local_shard_is_rejected_by_name(shared_shards, tmp_path, capsys):
     (tmp_path / "shard_00000.parquet").write_bytes(shared_shards[0].read_bytes())
     (tmp_path / "shard_00001.parquet").write_bytes(shared_shards[1].read_bytes()[:300_000])
     (tmp_path / "shard_00002.parquet").write_bytes(shared_shards[6].read_bytes())
@@ -186,12 +190,51 @@ def test_corrupt_local_shard_is_rejected_by_name(shared_shards, tmp_path):
         list(iter_texts("train", tmp_path))
     with pytest.raises(CorruptShardError, match=r"shard_00001\.parquet"):
         ensure_shards(3, tmp_path)
-    with pytest.raises(SystemExit, match=r"shard_00001\.parquet is not a readable parquet file"):
+    with pytest.raises(SystemExit) as stop:
         main(["check", "--folder", str(tmp_path)])
+    assert stop.value.code == 2 and "shard_00001.parquet is not a readable parquet file" in capsys.readouterr().err
     no_text = tmp_path / "other.parquet"
     pq.write_table(pq.read_table(shared_shards[0]).rename_columns(["body"]), no_text)
     with pytest.raises(CorruptShardError, match="has no `text` column"):
         verify_shard(no_text)
+
+
+def damaged_copy(source, dest, offset=None, patch=bytes(4096)):
+    "A copy of a real shard with `patch` written over its bytes at `offset` (default: the middle of the file)."
+    data = source.read_bytes()
+    offset = len(data) // 2 if offset is None else offset
+    dest.write_bytes(data[:offset] + patch + data[offset + len(patch):])
+    return dest
+
+
+def test_empty_shard_and_text_that_is_not_strings(shared_shards, tmp_path):
+    table = pq.read_table(shared_shards[0])
+    empty, numbers = tmp_path / "shard_00000.parquet", tmp_path / "shard_00001.parquet"
+    pq.write_table(table.slice(0, 0), empty)
+    pq.write_table(pa.table({"text": pc.utf8_length(table["text"])}), numbers)
+    with pytest.raises(CorruptShardError, match=r"shard_00000\.parquet holds no documents \(0 rows\)"):
+        verify_shard(empty)
+    with pytest.raises(CorruptShardError, match=r"shard_00001\.parquet has a `text` column of int32, not of strings"):
+        verify_shard(numbers)
+    assert issubclass(CorruptShardError, UserError)
+
+
+def test_shard_damaged_mid_file_fails_by_name_when_read(shared_shards, tmp_path):
+    zeros = damaged_copy(shared_shards[0], tmp_path / "shard_00000.parquet")  # the decompressor notices
+    bad_utf8 = damaged_copy(shared_shards[0], tmp_path / "shard_00001.parquet", 4_893_407, b"\xff" * 8)  # it does not
+    for path, row_group in ((zeros, 3), (bad_utf8, 7)):
+        assert verify_shard(path) == 1024  # the quick check reads the footer only
+        with pytest.raises(CorruptShardError, match=rf"{path.name} is not a readable parquet file"):
+            verify_shard(path, full=True)
+        with pytest.raises(CorruptShardError, match=rf"{path.name} has an unreadable row group {row_group} \("):
+            list(RowGroupReader([path], loop=False))
+
+
+def test_check_command_reports_a_damaged_shard_in_one_line(shared_shards, tmp_path):
+    damaged_copy(shared_shards[0], tmp_path / "shard_00000.parquet")
+    (tmp_path / "shard_00001.parquet").write_bytes(shared_shards[-1].read_bytes())
+    done = run_python("-m", "nanochat_nb.dataset", "check", "--full", "--folder", str(tmp_path))
+    assert "shard_00000.parquet is not a readable parquet file" in one_line_error(done, "nanochat-data")
 
 
 # ---- reading ----------------------------------------------------------------------------------------------------

@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from nanochat_nb import gpt as gpt_module
-from nanochat_nb.gpt import (GPT, GPTConfig, KVCache, _softcap_ce_torch, load_model_state,
-                             load_nanochat_checkpoint, naive_attention, native_softcap_ce, save_model_checkpoint,
-                             sdpa_attention, softcap_ce_, softcap_cross_entropy, softcap_logits, window_sizes)
+from nanochat_nb import checkpoint
+from nanochat_nb.gpt import GPT, GPTConfig, KVCache, load_model_state, sdpa_attention, window_mask, window_sizes
 
 TINY = dict(vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)
 
@@ -72,6 +71,17 @@ def test_kv_cache_refuses_to_overflow():
         model(torch.zeros(1, 9, dtype=torch.long), kv_cache=cache)
 
 
+def naive_attention(q, k, v, window: int) -> torch.Tensor:
+    "The reference for `sdpa_attention`: softmax(q kᵀ / √D + window mask) v, written out."
+    q_len, k_len = q.size(2), k.size(2)
+    if q.size(1) != k.size(1):
+        repeat = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.size(-1))
+    scores = scores.masked_fill(~window_mask(q_len, k_len, window, q.device), float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
 @pytest.mark.parametrize("q_len,k_len,window,heads,kv_heads", [
     (16, 16, 100, 4, 4), (16, 16, 15, 4, 4), (16, 16, 3, 4, 2), (6, 16, 4, 4, 4), (1, 16, 5, 4, 1), (1, 16, 64, 2, 2),
     (128, 128, 32, 2, 2), (96, 96, 32, 4, 2), (512, 512, 128, 2, 2),  # the last three: blocks of w queries
@@ -117,49 +127,6 @@ def test_gradients_reach_every_parameter_and_match_plain_loss():
     torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(fused_grads[name], p.grad, atol=1e-5, rtol=1e-3, msg=f"gradient of {name}")
-
-
-@pytest.mark.parametrize("native", [True, False])
-def test_softcap_cross_entropy_paths_agree(native, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_NATIVE_KERNELS", "1" if native else "0")
-    native_softcap_ce.cache_clear()
-    try:
-        if native and native_softcap_ce() is None:
-            pytest.skip("no C compiler on this machine")
-        g = torch.Generator().manual_seed(4)
-        x = (torch.randn(1100, 48, generator=g) * 3).requires_grad_()
-        w = torch.randn(700, 48, generator=g).requires_grad_()
-        t = torch.randint(0, 700, (1100,), generator=g)
-        t[::9] = -1
-        for reduction in ("mean", "sum"):
-            ref = F.cross_entropy(softcap_logits(x @ w.t()), t, ignore_index=-1, reduction=reduction)
-            out = softcap_cross_entropy(x, w, t, reduction=reduction)
-            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
-            for a, b in zip(torch.autograd.grad(out, (x, w)), torch.autograd.grad(ref, (x, w))):
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
-        with torch.no_grad():
-            per_token = softcap_cross_entropy(x, w, t, reduction="none")
-        torch.testing.assert_close(per_token, F.cross_entropy(softcap_logits(x @ w.t()), t, ignore_index=-1,
-                                                              reduction="none"), atol=1e-4, rtol=1e-5)
-    finally:
-        native_softcap_ce.cache_clear()
-
-
-def test_native_kernel_matches_torch():
-    if native_softcap_ce() is None:
-        pytest.skip("no C compiler on this machine")
-    logits = torch.randn(3000, 16) * 40  # vocab-major (V, N), saturating logits too
-    logits[5, 0], logits[6, 1], logits[7, 2] = 1e4, -1e4, float("inf")  # far past the cap: tanh is ±1
-    logits[8, 4] = float("nan")  # a diverged model: its loss must say so
-    targets = torch.randint(0, 3000, (16,))
-    targets[3] = -1
-    a, b, la, lb = logits.clone(), logits.clone(), torch.empty(16), torch.empty(16)
-    softcap_ce_(a, targets, la, scale=0.25)
-    _softcap_ce_torch(b, targets, lb, 15.0, 0.25)
-    torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4, equal_nan=True)
-    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-5, equal_nan=True)
-    assert la.isnan().tolist() == [i == 4 for i in range(16)], "only the token with a NaN logit has a NaN loss"
-    assert (a[:, 3] == 0).all() and la[3] == 0, "an ignored target gets no loss and no gradient"
 
 
 def test_untrained_loss_is_ln_vocab_on_real_text(tokenizer, data_root):
@@ -243,7 +210,7 @@ def test_nanochat_checkpoint_round_trip(tmp_path):
         meta = {"step": step, "val_bpb": 1.23, "model_config": {**vars(model.config), "n_kv_head": 2},
                 "user_config": {"depth": 4}, "device_batch_size": 8, "max_seq_len": 64}
         (folder / f"meta_{step:06d}.json").write_text(json.dumps(meta))
-    loaded, meta = load_nanochat_checkpoint(folder)
+    loaded, meta = checkpoint.load_model(folder)
     assert meta["step"] == 250 and loaded.config == model.config
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     with torch.no_grad():  # the original model with the same bf16-rounded embeddings gives the same logits
@@ -253,16 +220,16 @@ def test_nanochat_checkpoint_round_trip(tmp_path):
     idx = torch.randint(0, 512, (2, 30))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx), model(idx))
-    assert load_nanochat_checkpoint(folder, step=100)[1]["step"] == 100
-    with pytest.raises(FileNotFoundError, match="no checkpoint for step 7|No checkpoint for step 7"):
-        load_nanochat_checkpoint(folder, step=7)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_nanochat_checkpoint(tmp_path / "nowhere")
-    # our own writer produces the same format, and the loaded model trains
-    save_model_checkpoint(tmp_path / "ours", 3, loaded, {"val_bpb": 2.0})
-    again, meta = load_nanochat_checkpoint(tmp_path / "ours", 3)
+    assert checkpoint.load_model(folder, step=100)[1]["step"] == 100
+    with pytest.raises(checkpoint.CheckpointError, match=r"No checkpoint for step 7 .*it has steps 100, 250"):
+        checkpoint.load_model(folder, step=7)
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        checkpoint.load_model(tmp_path / "nowhere")
+    # our own writer produces nanochat's files plus sizes and hashes, and the loaded model trains
+    checkpoint.save(tmp_path / "ours", 3, loaded, meta={"val_bpb": 2.0})
+    again, meta = checkpoint.load_model(tmp_path / "ours", 3)
     assert meta["val_bpb"] == 2.0 and set(json.loads((tmp_path / "ours" / "meta_000003.json").read_text())) >= {
-        "step", "model_config"}
+        "step", "model_config", "files"}
     again.train()
     again(idx, targets=idx).backward()
     assert again.lm_head.weight.grad is not None

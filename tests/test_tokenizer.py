@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_python
+from conftest import one_line_error, run_python
+from nanochat_nb.common import UserError
 from nanochat_nb.dataset import iter_texts
 from nanochat_nb.tokenizer import (EVAL_SAMPLES, META_FILE, RANKS_FILE, SPECIAL_TOKENS, TOKEN_BYTES_FILE,
                                    ConversationError, Tokenizer, bpe_encode, load_token_bytes, load_tokenizer,
-                                   train_bpe, train_ranks_fast)
+                                   TokenizerError, train_bpe, train_ranks_fast)
 
 NASTY = [
     "Emoji: 😀😀😀 🎉🎉 👍🏽👍🏽 👨‍👩‍👧 family 🦊🦊",
@@ -272,14 +273,19 @@ def test_cli_train_and_eval(tmp_path):
     assert "gpt2: 2,039 tokens" in done.stdout and "vs gpt2" in done.stdout
 
 
-def test_cli_errors(tmp_path):
+def test_cli_errors(tokenizer, tmp_path):
     done = run_python("-m", "nanochat_nb.tokenizer", "eval", "--tokenizer", str(tmp_path / "nope"))
-    assert done.returncode != 0 and "nanochat-tok-train" in done.stderr
+    assert "No tokenizer folder" in one_line_error(done, "nanochat-tok-eval")
     (tmp_path / "file").write_text("not a folder")
     done = run_python("-m", "nanochat_nb.tokenizer", "train", "--preset", "tiny", "--output", str(tmp_path / "file"))
-    assert done.returncode != 0 and "is a file, not a folder" in done.stderr
+    assert "is a file, not a folder" in one_line_error(done, "nanochat-tok-train")
     assert (tmp_path / "file").read_text() == "not a folder"
     done = run_python("-m", "nanochat_nb.tokenizer", "frobnicate")
-    assert done.returncode != 0 and "train,eval" in done.stderr
+    assert "'frobnicate' is not a command: use {train,eval}" in one_line_error(done, "python -m nanochat_nb.tokenizer")
     done = run_python("-m", "nanochat_nb.tokenizer", "train", "--vocab-size", "0", "--output", str(tmp_path / "x"))
-    assert done.returncode != 0 and "--vocab-size must be positive" in done.stderr
+    assert "--vocab-size must be positive" in one_line_error(done, "nanochat-tok-train")
+    truncated = _copy(tokenizer.folder, tmp_path / "truncated")
+    (truncated / RANKS_FILE).write_bytes((truncated / RANKS_FILE).read_bytes()[:5000])
+    done = run_python("-m", "nanochat_nb.tokenizer", "eval", "--tokenizer", str(truncated))
+    assert "truncated or was modified" in one_line_error(done, "nanochat-tok-eval")
+    assert issubclass(TokenizerError, UserError) and issubclass(TokenizerError, ValueError)

@@ -1,15 +1,16 @@
 """Base training (chapter 6): the depth dial, a tiny real run, exact resume after SIGKILL, atomic checkpoints,
 torchrun, divergence and bad input."""
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, run_python
+from conftest import REPO, assert_user_error, run_python
+from nanochat_nb.checkpoint import load as load_checkpoint, steps as checkpoint_steps
 from nanochat_nb.common import read_log
-from nanochat_nb.train import (BASE_LRS, REF_BATCH, Trainer, checkpoint_steps, derive_plan, flops_per_token,
-                               load_checkpoint, main, scaling_params)
+from nanochat_nb.train import BASE_LRS, REF_BATCH, Trainer, derive_plan, flops_per_token, main, scaling_params
 
 STEPS, SAVE_EVERY = 24, 8
 # At a 1K-token batch the sqrt(B/B_ref) rule gives learning rates ~23x below the reference; 10x them so that
@@ -104,10 +105,9 @@ def test_bad_input_fails_before_any_work(tokenizer, tmp_path, capsys, flags, mes
     argv = tiny_flags(tokenizer, run_dir, *flags)
     if "MISSING" in flags:
         argv[argv.index("MISSING")] = str(tmp_path / "no_tokenizer")
-    with pytest.raises(SystemExit) as error:
-        main(argv)
-    assert message in str(error.value)
+    assert_user_error(capsys, message, main, argv)
     assert not run_dir.exists()
+
 
 
 def test_dry_run_prints_the_plan_and_an_estimate(tokenizer, tmp_path, capsys):
@@ -159,15 +159,15 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(reference_run, t
     assert not list(tmp_path.glob(".*.tmp*"))
 
 
-def test_refuses_a_checkpoint_of_another_depth_and_never_overwrites(reference_run, tokenizer):
-    with pytest.raises(SystemExit, match="depth 2 with vocab 2048, but this run is depth 3"):
-        main(tiny_flags(tokenizer, reference_run, "--depth", "3", "--resume"))
-    with pytest.raises(SystemExit, match="already holds checkpoints"):
-        main(tiny_flags(tokenizer, reference_run))
+def test_refuses_a_checkpoint_of_another_depth_and_never_overwrites(reference_run, tokenizer, capsys):
+    assert_user_error(capsys, "depth 2 with vocab 2048, but this run is depth 3", main,
+                      tiny_flags(tokenizer, reference_run, "--depth", "3", "--resume"))
+    assert_user_error(capsys, "already holds checkpoints", main, tiny_flags(tokenizer, reference_run))
     assert checkpoint_steps(reference_run) == [8, 16, 24]
 
 
-def test_divergence_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tokenizer, tmp_path, monkeypatch):
+def test_divergence_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tokenizer, tmp_path, monkeypatch,
+                                                                             capsys):
     step = Trainer._optimizer_step
 
     def poisoned_step(self):
@@ -175,8 +175,9 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tok
         if self.state.step == 5:   # after the update of step 6, the weights are NaN
             next(self.model.parameters()).data.fill_(float("nan"))
     monkeypatch.setattr(Trainer, "_optimizer_step", poisoned_step)
-    with pytest.raises(SystemExit, match="loss became nan at step 7.*last good checkpoint is step 4"):
-        main(tiny_flags(tokenizer, tmp_path, "--save-every", "4", "--eval-every", "-1"))
+    err = assert_user_error(capsys, "loss became nan at step 7", main,
+                            tiny_flags(tokenizer, tmp_path, "--save-every", "4", "--eval-every", "-1"))
+    assert "last good checkpoint is step 4" in err
     assert checkpoint_steps(tmp_path) == [4]
 
 
@@ -192,3 +193,19 @@ def test_torchrun_two_processes_match_one_with_twice_the_accumulation(tokenizer,
     assert two[1] == one[1]   # the same data and weights: the first loss is the same float
     for step in two:
         assert two[step] == pytest.approx(one[step], rel=1e-5), (step, two[step], one[step])
+
+
+@pytest.mark.parametrize("launcher", ["compiled", "torchrun"])
+def test_exact_resume_compiled_and_under_torchrun(tokenizer, tmp_path, launcher):
+    "Resuming from step 4 in a fresh run replays steps 5-8 bit for bit, with torch.compile on or on 2 processes."
+    prefix = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if launcher == "torchrun" else []
+    extra = ["--compile", "on"] if launcher == "compiled" else []
+    run = lambda folder, *more: train_process(*prefix, "-m", "nanochat_nb.train", *tiny_flags(
+        tokenizer, folder, "--num-iterations", "8", "--save-every", "4", "--eval-every", "-1", *extra, *more))
+    run(tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    run(tmp_path / "resumed", "--resume-step", "4")
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+    assert sorted(whole) == list(range(1, 9)) and all(resumed[s] == whole[s] for s in range(5, 9)), (whole, resumed)
+    final = [torch.load(folder / "model_000008.pt", weights_only=True) for folder in (tmp_path / "whole", tmp_path / "resumed")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
