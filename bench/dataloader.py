@@ -1,29 +1,20 @@
-"""Benchmark of the pretraining dataloader (chapter 3): packed tokens per second per rank, tokenization included,
-and the share of document tokens cropped by BOS-aligned best-fit packing.
+"""Pretraining dataloader speed (chapter 3): packed tokens per second per rank, tokenization included, and the
+share of document tokens that BOS-aligned best-fit packing crops.
 
-    flock -x /tmp/cpu.lock python bench/dataloader.py [--tokenizer-dir DIR] [--batch-size 16] [--seconds 20]
+    python bench/dataloader.py [--tokenizer-dir DIR] [--batch-size 16] [--seconds 20] [--crop-seq-lens 512,2048]
 
-Uses the course's shards (NANOCHAT_DATA/pretrain) and a 32768-token tokenizer: --tokenizer-dir, else one trained
-here on 20M characters of the training split (as the `cpu` preset does)."""
+Reads the course's shards (NANOCHAT_DATA/pretrain) with the benchmark tokenizer (bench/_util.py) or the one in
+--tokenizer-dir. The cropped share is counted over a whole second pass of the training split (`--crop-seq-lens ''`
+skips it)."""
 import argparse
 import os
 import time
 
 import torch
 
-from nanochat_nb.common import hardware_summary
+from _util import bench_tokenizer, machine_line
 from nanochat_nb.dataloader import BestFitLoader
-from nanochat_nb.dataset import iter_texts
 from nanochat_nb.tokenizer import Tokenizer
-
-
-def get_tokenizer(folder):
-    if folder:
-        return Tokenizer.load(folder)
-    start = time.perf_counter()
-    tokenizer = Tokenizer.train(iter_texts("train", max_chars=20_000_000, doc_cap=10_000), vocab_size=32768)
-    print(f"trained a {tokenizer.vocab_size}-token tokenizer on 20M characters in {time.perf_counter() - start:.1f} s")
-    return tokenizer
 
 
 def throughput(tokenizer, batch_size, seq_len, seconds, threads):
@@ -62,20 +53,21 @@ def cropped_fraction(tokenizer, seq_len, batch_size, threads):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer-dir", default=None)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer-dir", default=None, help="a saved tokenizer (default: the benchmark tokenizer)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--seq-len", type=int, default=2048, help="row length of the throughput figure")
+    parser.add_argument("--seconds", type=float, default=20, help="how long to time the steady state")
+    parser.add_argument("--crop-seq-lens", default="512,2048", help="row lengths to count the cropped share at")
     parser.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: min(8, cores))")
     args = parser.parse_args()
-    info = hardware_summary()
-    print(f"{info['device_name']}, {info['cpu_cores']} cores, torch {info['torch']}, commit {info['git_commit']}")
-    tokenizer = get_tokenizer(args.tokenizer_dir)
+    print(machine_line())
+    tokenizer = Tokenizer.load(args.tokenizer_dir) if args.tokenizer_dir else bench_tokenizer()
     threads = args.threads or min(8, os.cpu_count() or 1)
-    steady, overall, first = throughput(tokenizer, args.batch_size, 2048, args.seconds, threads)
-    print(f"T=2048 B={args.batch_size}, {threads} tokenizer threads: {steady:,.0f} packed tok/s per rank in steady "
-          f"state ({overall:,.0f} incl. start-up; first batch after {first:.2f} s)")
-    for seq_len in (512, 2048):
+    steady, overall, first = throughput(tokenizer, args.batch_size, args.seq_len, args.seconds, threads)
+    print(f"T={args.seq_len} B={args.batch_size}, {threads} tokenizer threads: {steady:,.0f} packed tok/s per rank in "
+          f"steady state ({overall:,.0f} incl. start-up; first batch after {first:.2f} s)")
+    for seq_len in [int(s) for s in args.crop_seq_lens.split(",") if s]:
         stats = cropped_fraction(tokenizer, seq_len, args.batch_size, threads)
         print(f"T={seq_len}: cropped fraction {stats['cropped_fraction']:.1%} in steady state (2nd epoch of the training "
               f"split: {stats['rows']:,} rows, {stats['docs']:,} documents placed, {stats['cropped_docs']:,} of them "

@@ -5,26 +5,16 @@ At vocab 32768, C channels and N tokens per step, the head is three skinny matmu
 GFLOP/s of each matmul with the logits token-major (N, V) = x·Wᵀ and vocab-major (V, N) = W·xᵀ (the layout
 `fused_head.softcap_cross_entropy` uses), the time of the C kernel's sweeps, and the whole fused forward + backward.
 
-    flock -x /tmp/cpu.lock python bench/lm_head.py              # d4: C = 256, N = 4096
-    flock -x /tmp/cpu.lock python bench/lm_head.py --channels 384
+    python bench/lm_head.py                  # d4: C = 256, N = 4096
+    python bench/lm_head.py --channels 384   # d6
 """
 import argparse
-import time
 
 import torch
 
+from _util import machine_line, measure
 from nanochat_nb.common import keep_freed_memory
 from nanochat_nb.fused_head import native_softcap_ce, softcap_ce_, softcap_cross_entropy
-
-
-def best_seconds(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main():
@@ -41,6 +31,7 @@ def main():
     targets = torch.randint(0, V, (N,))
     rows, cols = torch.empty(N, V), torch.randn(V, N) * 0.1
     flops = 2 * N * C * V
+    print(machine_line())
     print(f"N={N} tokens, C={C}, V={V}, {torch.get_num_threads()} threads; each matmul {flops / 1e9:.1f} GFLOP; "
           f"best of {args.repeat}")
     cases = {
@@ -54,7 +45,7 @@ def main():
     for layout, matmuls in cases.items():
         total = 0.0
         for name, fn in matmuls.items():
-            seconds = best_seconds(fn, args.repeat)
+            seconds = measure(fn, repeat=args.repeat).best
             total += seconds
             print(f"  {layout}  {name:20} {seconds * 1e3:7.1f} ms  {flops / seconds / 1e9:6.1f} GFLOP/s")
         print(f"  {layout}  {'three matmuls':20} {total * 1e3:7.1f} ms")
@@ -64,14 +55,14 @@ def main():
     def sweeps():
         scratch.copy_(logits)
         softcap_ce_(scratch, targets, losses)
-    copy = best_seconds(lambda: scratch.copy_(logits), args.repeat)
+    copy = measure(lambda: scratch.copy_(logits), repeat=args.repeat).best
     kernel = "C kernel" if native_softcap_ce() is not None else "PyTorch ops (no C compiler)"
-    print(f"softcap cross-entropy sweeps ({kernel}): {(best_seconds(sweeps, args.repeat) - copy) * 1e3:.1f} ms")
+    print(f"softcap cross-entropy sweeps ({kernel}): {(measure(sweeps, repeat=args.repeat).best - copy) * 1e3:.1f} ms")
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
 
     def fused():
         softcap_cross_entropy(xg, wg, targets).backward()
-    print(f"fused lm_head + loss, forward + backward: {best_seconds(fused, args.repeat) * 1e3:.1f} ms")
+    print(f"fused lm_head + loss, forward + backward: {measure(fused, repeat=args.repeat).best * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -1,31 +1,21 @@
 """Tokenizer speed: training (ours vs rustbpe directly), batch encoding, and the from-scratch trainer.
 
-    flock -x /tmp/cpu.lock python bench/tokenizer.py [--chars 20000000] [--vocab-size 32768] [--repeats 3]
+    python bench/tokenizer.py [--chars 20000000] [--vocab-size 32768] [--repeats 3] [--threads 2]
 
 Prints three figures:
   1. training a 32K vocabulary on 20M characters of the pretraining shards with `Tokenizer.train`, against
      calling rustbpe directly on the same texts (target: within 10%);
-  2. encoding the same 20M characters with `Tokenizer.encode(texts, num_threads=2)` in MB/s of UTF-8
+  2. encoding the same characters with `Tokenizer.encode(texts, num_threads=2)` in MB/s of UTF-8
      (target: >= 20 MB/s), with tiktoken's own batch encoder beside it;
   3. the plain-Python trainer (`train_bpe`): vocabulary 1024 on 1 MB of text (target: < 60 s).
 """
 import argparse
-import os
-import platform
-import statistics
-import time
 
 import rustbpe
 
-from nanochat_nb.common import cpu_name
+from _util import Timing, machine_line, timed
 from nanochat_nb.dataset import iter_texts
 from nanochat_nb.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, train_bpe
-
-
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
 
 
 def rustbpe_direct(texts, num_ranks):
@@ -54,8 +44,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(machine_line())
 
     texts = list(iter_texts("train", max_chars=args.chars))
     num_bytes = sum(len(t.encode("utf-8")) for t in texts)
@@ -67,10 +56,10 @@ def main():
         direct.append(timed(lambda: rustbpe_direct(texts, args.vocab_size - len(SPECIAL_TOKENS)))[0])
         seconds, tokenizer = timed(lambda: Tokenizer.train(iter(texts), args.vocab_size))
         ours.append(seconds)
-    best_ours, best_direct = min(ours), min(direct)
-    print(f"[1] train {args.vocab_size:,} vocab on {args.chars / 1e6:.0f}M chars: Tokenizer.train {best_ours:.2f}s, "
-          f"rustbpe directly {best_direct:.2f}s (best of {args.repeats}; medians {statistics.median(ours):.2f}s / "
-          f"{statistics.median(direct):.2f}s): overhead {100 * (best_ours / best_direct - 1):+.1f}%")
+    ours, direct = Timing(ours), Timing(direct)
+    print(f"[1] train {args.vocab_size:,} vocab on {args.chars / 1e6:g}M chars: Tokenizer.train {ours.best:.2f}s, "
+          f"rustbpe directly {direct.best:.2f}s (best of {args.repeats}; medians {ours.median:.2f}s / "
+          f"{direct.median:.2f}s): overhead {100 * (ours.best / direct.best - 1):+.1f}%")
 
     # 2. batch encoding on `threads` threads
     encode_ours, encode_tiktoken = [], []

@@ -105,6 +105,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'nanochat_nb.common.cpu_peak_flops': ('common.html#cpu_peak_flops', 'nanochat_nb/common.py'),
                                     'nanochat_nb.common.data_dir': ('common.html#data_dir', 'nanochat_nb/common.py'),
                                     'nanochat_nb.common.default_data_dir': ('common.html#default_data_dir', 'nanochat_nb/common.py'),
+                                    'nanochat_nb.common.deterministic_kernels': ( 'common.html#deterministic_kernels',
+                                                                                  'nanochat_nb/common.py'),
                                     'nanochat_nb.common.dist_env': ('common.html#dist_env', 'nanochat_nb/common.py'),
                                     'nanochat_nb.common.dist_ready': ('common.html#dist_ready', 'nanochat_nb/common.py'),
                                     'nanochat_nb.common.fsync_dir': ('common.html#fsync_dir', 'nanochat_nb/common.py'),

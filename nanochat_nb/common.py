@@ -32,8 +32,9 @@ __all__ = ['PACKAGE_DIR', 'REPO_ROOT', 'DATA_LAYOUT', 'DTYPES', 'M_TRIM_THRESHOL
            'parse_args_with_preset', 'autodetect_device_type', 'compute_dtype', 'keep_freed_memory', 'DistInfo',
            'dist_env', 'is_main_process', 'print0', 'init_distributed', 'cleanup_distributed', 'dist_ready',
            'rank_world', 'barrier', 'all_gather_object', 'all_reduce_sum', 'all_reduce_mean', 'seed_everything',
-           'RunLogger', 'read_log', 'gpu_peak_flops', 'measure_matmul_flops', 'cpu_name', 'cpu_peak_flops',
-           'peak_flops', 'git_commit', 'hardware_summary', 'print_hardware_summary', 'stage_command', 'run_module']
+           'deterministic_kernels', 'RunLogger', 'read_log', 'gpu_peak_flops', 'measure_matmul_flops', 'cpu_name',
+           'cpu_peak_flops', 'peak_flops', 'git_commit', 'hardware_summary', 'print_hardware_summary', 'stage_command',
+           'run_module']
 
 # %% ../nbs/00_common.ipynb #3658c07c
 PACKAGE_DIR = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd().parent / "nanochat_nb"
@@ -373,6 +374,21 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+# %% ../nbs/00_common.ipynb #de14755a
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool = True):
+    "Inside the block, PyTorch and `torch.compile` pick deterministic kernels (if `enabled`); restored afterwards."
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = before[2]
 
 # %% ../nbs/00_common.ipynb #b76883d2
 def _fmt(value) -> str:

@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from .checkpoint import CheckpointError, latest, load_checkpoint_tokenizer, load_model, meta_file, parse_allowed
+from .checkpoint import (CheckpointError, latest, load_checkpoint_tokenizer, load_model, meta_file,
+                                     parse_allowed)
 from .common import (
-    UserError, all_reduce_sum, autodetect_device_type, cleanup_distributed, cli_errors, default_data_dir,
+    UserError, all_reduce_sum, atomic_write, autodetect_device_type, cleanup_distributed, cli_errors, default_data_dir,
     hardware_summary, init_distributed, nanochat_home, parse_args_with_preset, print0, rank_world)
 
 # %% auto #0
@@ -448,15 +449,12 @@ def save_eval_result(result: dict, folder: str | Path, stem: str, references: di
     "Write `<stem>.json` (all numbers) and, if it has CORE, `<stem>.png` (the chart) to `folder`; return the JSON."
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stem}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
+    path = atomic_write(folder / f"{stem}.json", json.dumps(result, indent=1))
     if result.get("core", {}).get("tasks"):
         import matplotlib.pyplot as plt
         ax = plot_core(result["core"], references)
         ax.figure.tight_layout()
-        ax.figure.savefig(folder / f"{stem}.png", dpi=110)
+        atomic_write(folder / f"{stem}.png", write=lambda f: ax.figure.savefig(f, format="png", dpi=110))
         plt.close(ax.figure)
     return path
 

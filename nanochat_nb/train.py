@@ -10,13 +10,11 @@ import gc
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -24,8 +22,9 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .common import (RunLogger, UserError, all_gather_object, all_reduce_mean, atomic_write, barrier,
-                                cleanup_distributed, cli_errors, compute_dtype, init_distributed, nanochat_home,
-                                parse_args_with_preset, peak_flops, print0, seed_everything)
+                                cleanup_distributed, cli_errors, compute_dtype, deterministic_kernels,
+                                init_distributed, nanochat_home, parse_args_with_preset, peak_flops, print0,
+                                seed_everything)
 from .core_eval import SAMPLE_PROMPTS, evaluate_bpb, greedy_samples
 from .dataloader import BestFitLoader
 from .dataset import list_shards
@@ -765,7 +764,8 @@ def train(args: argparse.Namespace) -> dict:
     if args.dry_run:
         return dry_run(trainer)
     try:
-        return trainer.setup().run()
+        with deterministic_kernels(trainer.device.type == "cpu"):  # a CPU run repeats bit for bit, compiled or not
+            return trainer.setup().run()
     finally:
         trainer.close()
 
