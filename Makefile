@@ -8,7 +8,7 @@ NANOCHAT_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export NANOCHAT_DATA
 export MPLBACKEND ?= Agg
 
-.PHONY: install test speedrun export clean-nbs
+.PHONY: install test speedrun export clean-nbs book
 
 install: $(VENV)/.installed
 
@@ -35,4 +35,13 @@ test: install
 
 speedrun: install
 	@mkdir -p outputs
-	$(PY) -m papermill lessons/speedrun.ipynb outputs/speedrun_$(PRESET).ipynb -p preset $(PRESET) -k python3 --log-output
+	MPLBACKEND=module://matplotlib_inline.backend_inline $(PY) -m papermill lessons/speedrun.ipynb outputs/speedrun_$(PRESET).ipynb -p preset $(PRESET) -k python3 --log-output
+
+# Execute every chapter in place on this machine (the small presets the tests use) so that it is committed with
+# what it printed and drew; then clean the metadata, keeping the outputs. The kernels get matplotlib's inline
+# backend (not the Agg exported above), so that plt.show() puts every figure into the notebook.
+book: install
+	for nb in nbs/*.ipynb; do \
+		MPLBACKEND=module://matplotlib_inline.backend_inline $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1200 $$nb || exit 1; \
+	done
+	$(VENV)/bin/nbdev-clean

@@ -1,135 +1,144 @@
-"""Training-step speed of the GPT on this machine: forward + backward + optimizer step.
+"""Training-step speed of the GPT: forward + backward + optimizer step on random tokens.
 
-For each depth: tokens/s, achieved GFLOP/s (from GPT.estimate_flops), MFU against the measured matmul peak
-(nanochat_nb.common.peak_flops) and the peak resident memory of the process. Each configuration runs in
-its own subprocess so that peak RSS is its own. Run it alone on the machine:
+For each depth: tokens/s, achieved GFLOP/s (from the model's `estimate_flops`), MFU (against the matmul peak
+measured at the start on a CPU, the bf16 table value on a GPU) and peak memory. Each configuration runs in its
+own process so that its peak memory is its own.
 
-    flock -x /tmp/cpu.lock python bench/model.py                       # d4 and d6, seq 512, batch 8
-    NANOCHAT_DTYPE=bf16 flock -x /tmp/cpu.lock python bench/model.py   # compute in bf16
-    flock -x /tmp/cpu.lock python bench/model.py --no-compile --depths 4 --no-optimizer
+    python bench/model.py                                  # d4 and d6, seq 512, batch 8, compiled
+    NANOCHAT_DTYPE=bf16 python bench/model.py              # compute in bf16
+    python bench/model.py --no-compile --depths 4 --no-optimizer
+    python bench/model.py --reference ~/src/nanochat       # side by side with a nanochat checkout
 
-nanochat itself on this machine (its model and MuonAdamW, fp32, torch.compile, seq 512, batch 8; timed
-2026-11-21 with a copy outside this repository): d4 about 800 tok/s, d6 about 540 (1,170 and 625 with
-MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set, the equivalent of common.keep_freed_memory). SPEC.md's
-1440/760 were measured on a CPU with AVX-512; this one has AVX2 only.
+`--reference PATH` times nanochat's own GPT and MuonAdamW (imported from that checkout) on the same shapes, dtype
+and data, alternating with ours depth by depth, and prints the ratio: on a shared machine a speed claim is a
+ratio measured side by side, not an absolute figure.
 """
 import argparse
-import json
+import itertools
 import os
-import resource
-import subprocess
 import sys
-import time
+from dataclasses import asdict
 
 import torch
 
+from _util import machine_line, measure, peak_memory_gb, run_child, timed
 
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+NANOCHAT_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def build(args, device, dtype):
+    "Our GPT and optimizer, or nanochat's from the checkout in `args.reference` (with `args.impl == 'reference'`)."
+    from nanochat_nb.gpt import GPT, GPTConfig
+    from nanochat_nb.optim import setup_optimizer
+    config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab, sequence_len=args.seq)
+    if args.impl == "ours":
+        model = GPT(config).to(device).init_weights()
+        if not args.optimizer:
+            return model, None
+        return model, setup_optimizer(model.param_groups(), config.n_embd, world_size=1, compile=args.compile)
+    os.environ["NANOCHAT_DTYPE"] = NANOCHAT_DTYPE_NAMES[dtype]  # nanochat reads it at import
+    sys.path.insert(0, os.path.expanduser(args.reference))
+    from nanochat.gpt import GPT as ReferenceGPT, GPTConfig as ReferenceConfig
+    with torch.device("meta"):
+        model = ReferenceGPT(ReferenceConfig(**asdict(config)))
+    model.to_empty(device=device)
+    model.init_weights()
+    return model, model.setup_optimizer() if args.optimizer else None  # its steps are always compiled
 
 
 def run_one(args) -> dict:
+    "Time one configuration in this process."
     from nanochat_nb.common import compute_dtype, keep_freed_memory, peak_flops
-    from nanochat_nb.fused_head import native_softcap_ce
-    from nanochat_nb.gpt import GPT, GPTConfig
-
     if args.keep_freed_memory:  # as training does (common.init_distributed)
         keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = compute_dtype(device.type)
     torch.manual_seed(0)
-    device = torch.device("cpu")
-    config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab, sequence_len=args.seq)
-    model = GPT(config).init_weights()
-    optimizer = None
-    if args.optimizer:
-        try:
-            from nanochat_nb.optim import setup_optimizer
-            optimizer = setup_optimizer(model, world_size=1, compile=args.compile)
-        except ImportError as e:
-            print(f"(no optimizer: {e}; timing forward + backward only)", file=sys.stderr)
+    model, optimizer = build(args, device, dtype)
     step_model = torch.compile(model, dynamic=False) if args.compile else model
     generator = torch.Generator().manual_seed(0)
-    data = torch.randint(0, args.vocab, (args.steps + args.warmup, args.batch, args.seq + 1), generator=generator)
+    data = torch.randint(0, args.vocab, (args.steps + args.warmup + 1, args.batch, args.seq + 1), generator=generator)
+    data = data.to(device)
+    batches = itertools.cycle(data)
 
-    def train_step(i):
-        batch = data[i]
-        loss = step_model(batch[:, :-1], targets=batch[:, 1:])
-        loss.backward()
+    def train_step():
+        batch = next(batches)
+        step_model(batch[:, :-1], targets=batch[:, 1:]).backward()
         if optimizer is not None:
             optimizer.step()
         model.zero_grad(set_to_none=True)
-        return loss
 
-    start = time.perf_counter()
-    for i in range(args.warmup):
-        train_step(i)
-    warmup_s = time.perf_counter() - start
-    times = []
-    for i in range(args.warmup, args.warmup + args.steps):
-        t0 = time.perf_counter()
-        train_step(i)
-        times.append(time.perf_counter() - t0)
-    dtype = compute_dtype("cpu")
-    step_s = sorted(times)[len(times) // 2]  # median: robust to a neighbour's burst
+    warmup_s, _ = timed(lambda: [train_step() for _ in range(args.warmup)], device)
+    timing = measure(train_step, repeat=args.steps, warmup=0, device=device)
     tokens = args.batch * args.seq
-    flops = model.estimate_flops() * tokens / step_s
-    return {
-        "depth": args.depth, "dtype": str(dtype).removeprefix("torch."), "compile": args.compile,
-        "optimizer": optimizer is not None, "threads": torch.get_num_threads(),
-        "native_ce": native_softcap_ce() is not None,
-        "tok_per_s": tokens / step_s, "best_tok_per_s": tokens / min(times), "step_s": step_s,
-        "gflops": flops / 1e9, "mfu": flops / (args.peak or peak_flops(device, dtype)), "peak_rss_gb": peak_rss_gb(),
-        "warmup_s": warmup_s, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-    }
+    flops = model.estimate_flops() * tokens / timing.median
+    return {"impl": args.impl, "depth": args.depth, "dtype": str(dtype).removeprefix("torch."),
+            "optimizer": optimizer is not None, "tok_per_s": tokens / timing.median,
+            "best_tok_per_s": tokens / timing.best, "step_s": timing.median, "gflops": flops / 1e9,
+            "mfu": flops / (args.peak or peak_flops(device, dtype)), "peak_gb": peak_memory_gb(device),
+            "warmup_s": warmup_s, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def child_argv(args, depth: int, impl: str) -> list[str]:
+    argv = [__file__, "--depth", depth, "--impl", impl, "--device", args.device, "--seq", args.seq,
+            "--batch", args.batch, "--vocab", args.vocab, "--steps", args.steps, "--warmup", args.warmup,
+            "--threads", args.threads, "--peak", args.peak, "--compile" if args.compile else "--no-compile",
+            "--optimizer" if args.optimizer else "--no-optimizer",
+            "--keep-freed-memory" if args.keep_freed_memory else "--no-keep-freed-memory"]
+    return argv + (["--reference", args.reference] if args.reference else [])
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 6])
-    parser.add_argument("--depth", type=int, help=argparse.SUPPRESS)  # internal: one configuration
-    parser.add_argument("--peak", type=float, default=0.0, help=argparse.SUPPRESS)  # internal: FLOP/s for MFU
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32768)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--optimizer", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                         help="malloc keeps freed blocks (as in training); --no-keep-freed-memory: glibc's defaults")
+    parser.add_argument("--reference", metavar="PATH", help="a nanochat checkout to time side by side")
+    parser.add_argument("--depth", type=int, help=argparse.SUPPRESS)  # internal: one configuration
+    parser.add_argument("--impl", default="ours", choices=["ours", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--peak", type=float, default=0.0, help=argparse.SUPPRESS)  # internal: FLOP/s for MFU
     args = parser.parse_args(argv)
     if args.depth is not None:
+        import json
         print(json.dumps(run_one(args)))
         return
-    from nanochat_nb.common import compute_dtype, measure_matmul_flops, print_hardware_summary
-    print_hardware_summary()
+    from nanochat_nb.common import compute_dtype, measure_matmul_flops
     if args.threads:
         torch.set_num_threads(args.threads)
-    # MFU is against the matmul peak measured now, on an otherwise idle machine
-    dtype = compute_dtype("cpu")
-    args.peak = measure_matmul_flops(dtype)
-    print(f"matmul peak ({dtype}, {torch.get_num_threads()} threads): {args.peak / 1e9:.1f} GFLOP/s measured now")
+    print(machine_line(args.device))
+    if args.device == "cpu":  # MFU against the matmul peak measured now, once for every configuration
+        args.peak = measure_matmul_flops(compute_dtype("cpu"))
+        print(f"matmul peak ({compute_dtype('cpu')}, {torch.get_num_threads()} threads): {args.peak / 1e9:.1f} GFLOP/s")
     print(f"seq {args.seq}, batch {args.batch}, vocab {args.vocab}, compile {args.compile}, "
           f"optimizer {args.optimizer}, keep freed memory {args.keep_freed_memory}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up")
-    header = f"{'depth':>5} {'dtype':>8} {'tok/s':>8} {'best':>8} {'step s':>7} {'GFLOP/s':>8} {'MFU':>6} {'peak RSS':>9} {'warm-up':>8}"
-    print(header)
+          f"median of {args.steps} timed steps after {args.warmup} warm-up")
+    print(f"{'impl':>9} {'depth':>5} {'dtype':>8} {'tok/s':>8} {'best':>8} {'step s':>7} {'GFLOP/s':>8} {'MFU':>6} "
+          f"{'peak mem':>9} {'warm-up':>8}")
+    impls = ["ours", "reference"] if args.reference else ["ours"]
     for depth in args.depths:
-        cmd = [sys.executable, __file__, "--depth", str(depth), "--seq", str(args.seq), "--batch", str(args.batch),
-               "--vocab", str(args.vocab), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--threads", str(args.threads), "--peak", str(args.peak), "--compile" if args.compile else "--no-compile",
-               "--optimizer" if args.optimizer else "--no-optimizer",
-               "--keep-freed-memory" if args.keep_freed_memory else "--no-keep-freed-memory"]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-        if out.returncode != 0:
-            print(f"depth {depth} failed:\n{out.stderr[-3000:]}")
-            continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{r['depth']:>5} {r['dtype']:>8} {r['tok_per_s']:>8.0f} {r['best_tok_per_s']:>8.0f} {r['step_s']:>7.3f} "
-              f"{r['gflops']:>8.1f} {r['mfu']:>6.1%} {r['peak_rss_gb']:>7.2f}GB {r['warmup_s']:>7.1f}s"
-              + ("" if r["optimizer"] else "  (no optimizer step)"), flush=True)
+        results = {}
+        for impl in impls:
+            r = run_child(child_argv(args, depth, impl))
+            if isinstance(r, str):
+                print(f"{impl} d{depth} failed:\n{r}")
+                continue
+            results[impl] = r
+            print(f"{impl:>9} {depth:>5} {r['dtype']:>8} {r['tok_per_s']:>8.0f} {r['best_tok_per_s']:>8.0f} "
+                  f"{r['step_s']:>7.3f} {r['gflops']:>8.1f} {r['mfu']:>6.1%} {r['peak_gb']:>6.2f}GiB "
+                  f"{r['warmup_s']:>7.1f}s" + ("" if r["optimizer"] else "  (no optimizer step)"), flush=True)
+        if len(results) == 2:
+            print(f"{'':>9} d{depth}: ours / nanochat = {results['ours']['tok_per_s'] / results['reference']['tok_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

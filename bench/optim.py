@@ -32,7 +32,7 @@ def main():
     params = list(model.parameters())
     print(machine_line())
     print(f"depth {args.depth}, {sum(p.numel() for p in params) / 1e6:.1f}M parameters; best of {args.repeat}")
-    eager = setup_optimizer(model, compile=False)
+    eager = setup_optimizer(model.param_groups(), model.config.n_embd, compile=False)
     random_grads(params)
     t_eager = measure(eager.step, repeat=args.repeat).best  # the warm-up step also creates the state
     print(f"eager step:     {t_eager * 1e3:7.1f} ms")
@@ -49,7 +49,7 @@ def main():
     print(f"  of which Polar Express: {pe * 1e3:7.1f} ms")
     if not args.compile:
         return
-    compiled = setup_optimizer(model, compile=True)
+    compiled = setup_optimizer(model.param_groups(), model.config.n_embd, compile=True)
     random_grads(params)
     seconds, _ = timed(compiled.step)
     print(f"compile (first step): {seconds:7.1f} s")

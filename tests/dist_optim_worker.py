@@ -19,6 +19,7 @@ from nanochat_nb.gpt import GPT, GPTConfig
 from nanochat_nb.optim import setup_optimizer
 
 STEPS, SAVE_AT = 4, 2
+WEIGHT_DECAY = 0.1
 ROWS, PARTS, SEQ_LEN, VOCAB = 8, 2, 64, 256  # total batch: 8 rows of 64 byte-tokens, in 2 micro-batches
 
 
@@ -34,6 +35,11 @@ def tiny_gpt(seed: int = 0):
             if p.abs().max() == 0:
                 p.normal_(0, 0.02)
     return model
+
+
+def new_optimizer(model: GPT):
+    "The optimizer of these tests: the course's groups at half the reference learning rates."
+    return setup_optimizer(model.param_groups(), model.config.n_embd, lr_scale=0.5, weight_decay=WEIGHT_DECAY)
 
 
 def real_batches(steps: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -54,7 +60,7 @@ def train(model, optimizer, batches, rank: int, world: int, first_step: int = 0)
             group["lr"] = group["initial_lr"] * (1.0 - 0.1 * step)
             if group["kind"] == "muon":
                 group["momentum"] = 0.85 + 0.01 * step
-                group["weight_decay"] = group["initial_weight_decay"] * (1.0 - 0.2 * step)
+                group["weight_decay"] = WEIGHT_DECAY * (1.0 - 0.2 * step)
         for part in mine:
             loss = model(inputs[part * rows:(part + 1) * rows], targets[part * rows:(part + 1) * rows])
             (loss / len(mine)).backward()
@@ -67,13 +73,13 @@ def main(out: Path):
     rank, world = info.rank, info.world_size
     batches = real_batches()
     model = tiny_gpt()
-    optimizer = setup_optimizer(model, lr_scale=0.5, weight_decay=0.1)
+    optimizer = new_optimizer(model)
     train(model, optimizer, batches, rank, world)
     if rank == 0:
         torch.save(model.state_dict(), out / f"params_world{world}.pt")
 
     model = tiny_gpt()
-    optimizer = setup_optimizer(model, lr_scale=0.5, weight_decay=0.1)
+    optimizer = new_optimizer(model)
     train(model, optimizer, batches[:SAVE_AT], rank, world)
     torch.save(optimizer.state_dict(), out / f"optim_world{world}_rank{rank}.pt")
     torch.save(model.state_dict(), out / f"model_world{world}_rank{rank}.pt")
@@ -81,7 +87,7 @@ def main(out: Path):
 
     model = tiny_gpt(seed=1)  # different weights: everything must come from the checkpoint
     model.load_state_dict(torch.load(out / f"model_world{world}_rank{rank}.pt"))
-    optimizer = setup_optimizer(model, lr_scale=0.5, weight_decay=0.1)
+    optimizer = new_optimizer(model)
     optimizer.load_state_dict(torch.load(out / f"optim_world{world}_rank{rank}.pt"))
     train(model, optimizer, batches[SAVE_AT:], rank, world, first_step=SAVE_AT)
     if rank == 0:

@@ -14,10 +14,10 @@ import torch
 
 from conftest import REPO, assert_user_error, one_line_error, run_python
 from nanochat_nb import checkpoint
-from nanochat_nb.checkpoint import CheckpointError, NonFiniteWeights, load, load_model, save, steps
+from nanochat_nb.checkpoint import CheckpointError, load, load_model, save, steps
 from nanochat_nb.common import read_log
 from nanochat_nb.gpt import GPT, GPTConfig
-from nanochat_nb.tokenizer import Tokenizer, load_tokenizer
+from nanochat_nb.tokenizer import Tokenizer
 from nanochat_nb.train import BASE_LRS, Trainer, main
 
 SHARDS = Path(os.environ["NANOCHAT_DATA"]) / "pretrain"   # the course's real shards (conftest sets the variable)

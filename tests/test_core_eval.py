@@ -4,7 +4,6 @@ import json
 import math
 import shutil
 import threading
-import warnings
 import zipfile
 from pathlib import Path
 

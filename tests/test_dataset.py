@@ -2,7 +2,6 @@
 import http.server
 import threading
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc

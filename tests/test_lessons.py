@@ -1,6 +1,5 @@
 """Each lesson runs end to end under papermill at its smallest preset."""
 import json
-from pathlib import Path
 
 import pytest
 
