@@ -60,12 +60,11 @@ def run_one(args) -> dict:
     step_model = torch.compile(model, dynamic=False) if args.compile else model
     generator = torch.Generator().manual_seed(0)
     data = torch.randint(0, args.vocab, (args.steps + args.warmup + 1, args.batch, args.seq + 1), generator=generator)
-    data = data.to(device)
-    batches = itertools.cycle(data)
+    batches = itertools.cycle([(row[:, :-1].contiguous().to(device), row[:, 1:].contiguous().to(device)) for row in data])
 
     def train_step():
-        batch = next(batches)
-        step_model(batch[:, :-1], targets=batch[:, 1:]).backward()
+        inputs, targets = next(batches)  # contiguous, as a loader gives them (nanochat's loss views the targets)
+        step_model(inputs, targets=targets).backward()
         if optimizer is not None:
             optimizer.step()
         model.zero_grad(set_to_none=True)
@@ -126,12 +125,14 @@ def main(argv=None):
     print(f"{'impl':>9} {'depth':>5} {'dtype':>8} {'tok/s':>8} {'best':>8} {'step s':>7} {'GFLOP/s':>8} {'MFU':>6} "
           f"{'peak mem':>9} {'warm-up':>8}")
     impls = ["ours", "reference"] if args.reference else ["ours"]
+    failed = False
     for depth in args.depths:
         results = {}
         for impl in impls:
             r = run_child(child_argv(args, depth, impl))
             if isinstance(r, str):
                 print(f"{impl} d{depth} failed:\n{r}")
+                failed = True
                 continue
             results[impl] = r
             print(f"{impl:>9} {depth:>5} {r['dtype']:>8} {r['tok_per_s']:>8.0f} {r['best_tok_per_s']:>8.0f} "
@@ -139,6 +140,7 @@ def main(argv=None):
                   f"{r['warmup_s']:>7.1f}s" + ("" if r["optimizer"] else "  (no optimizer step)"), flush=True)
         if len(results) == 2:
             print(f"{'':>9} d{depth}: ours / nanochat = {results['ours']['tok_per_s'] / results['reference']['tok_per_s']:.2f}x")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ peak memory is its own.
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def main():
     peak = measure_matmul_flops(compute_dtype("cpu"))
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s measured now; median step time after the first {args.skip} steps",
           flush=True)
+    failed = False
     print(f"{'depth':>5} {'compile':>7} {'dtype':>8} {'tok/s':>7} {'MFU':>6} {'peak RSS':>9} {'first steps (s)':>16}")
     for depth in map(int, args.depths.split(",")):
         for compile_ in args.compile.split(","):
@@ -66,9 +68,11 @@ def main():
                            "--skip", args.skip, "--tokenizer-dir", tokenizer_dir])
             if isinstance(r, str):
                 print(f"d{depth} compile={compile_} failed:\n{r}")
+                failed = True
                 continue
             print(f"{depth:>5} {compile_:>7} {r['dtype']:>8} {r['tok_per_s']:>7,.0f} {r['gflops'] * 1e9 / peak:>6.1%} "
                   f"{r['peak_gb']:>6.2f}GiB {str(r['first_steps_s']):>16}", flush=True)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import nanochat_nb
+
 # %% auto #0
 __all__ = ['PACKAGE_DIR', 'REPO_ROOT', 'DATA_LAYOUT', 'DTYPES', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'GPU_PEAK_BF16_FLOPS',
            'nanochat_home', 'default_data_dir', 'data_dir', 'UserError', 'cli_errors', 'fsync_dir', 'atomic_write',
@@ -43,7 +45,7 @@ __all__ = ['PACKAGE_DIR', 'REPO_ROOT', 'DATA_LAYOUT', 'DTYPES', 'M_TRIM_THRESHOL
            'run_module']
 
 # %% ../nbs/00_common.ipynb #3658c07c
-PACKAGE_DIR = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd().parent / "nanochat_nb"
+PACKAGE_DIR = Path(nanochat_nb.__file__).resolve().parent  # the same in the notebook and in the module
 REPO_ROOT = PACKAGE_DIR.parent
 DATA_LAYOUT = {
     "pretrain": "pretrain/shard_XXXXX.parquet files (the last shard is the validation split)",

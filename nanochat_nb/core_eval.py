@@ -629,5 +629,5 @@ def main(argv=None) -> dict | None:
     return result
 
 # %% ../nbs/07_eval.ipynb #b4daad42
-if __name__ == "__main__" and "__file__" in globals():  # `python -m nanochat_nb.core_eval`, not the notebook
+if __name__ == "__main__":
     main()

@@ -121,6 +121,7 @@ def produce_batches(tokenizer, shards, batch_size: int, seq_len: int, rank: int,
         _restore_buffer(packer, reader, state["buffer"], encode)
 
     def refill() -> bool:
+        "Tokenize the next row group into the packer. The reader loops over the shards forever: never out."
         group = next(reader)
         for row, tokens in enumerate(encode(group.texts)):
             packer.add((group.shard, group.row_group, row), tokens)

@@ -404,5 +404,5 @@ def main(argv=None):
     return shards
 
 # %% ../nbs/02_dataset.ipynb #af675bb9
-if __name__ == "__main__" and "__file__" in globals():  # `python -m nanochat_nb.dataset`, not the notebook
+if __name__ == "__main__":
     main()

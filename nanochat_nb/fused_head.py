@@ -38,6 +38,7 @@ def softcap_logits(logits: torch.Tensor, softcap: float = SOFTCAP) -> torch.Tens
 # %% ../nbs/04b_fused_head.ipynb #f9ac744c
 SOFTCAP_CE_C = r"""
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #if defined __x86_64__ && defined __GLIBC__
@@ -49,13 +50,13 @@ float expf(float);  /* glibc's vector expf (libmvec), without -ffast-math */
    Targets < 0 are ignored (loss 0, gradient 0). */
 void softcap_ce(float *logits, const int64_t *targets, float *losses, int64_t n, int64_t vocab,
                 float cap, float scale, int threads) {
-    double *sums = calloc(n, sizeof(double));
+    double *partials = calloc((size_t)threads * n, sizeof(double));  /* one row of sums per thread */
     float *p_scale = malloc(n * sizeof(float)), *th_target = malloc(n * sizeof(float));
     const float inv_cap = 1.0f / cap;
     #pragma omp parallel num_threads(threads)
     {
         float *block = calloc(n, sizeof(float));  /* fp32 sums over 256 rows, then added in fp64 */
-        double *partial = calloc(n, sizeof(double));
+        double *partial = partials + (size_t)omp_get_thread_num() * n;
         #pragma omp for schedule(static)
         for (int64_t v0 = 0; v0 < vocab; v0 += 256) {  /* sweep 1: tanh in place, sums of exp(softcapped) */
             for (int64_t v = v0; v < v0 + 256 && v < vocab; v++) {
@@ -70,17 +71,16 @@ void softcap_ce(float *logits, const int64_t *targets, float *losses, int64_t n,
             }
             for (int64_t j = 0; j < n; j++) { partial[j] += block[j]; block[j] = 0.0f; }
         }
-        #pragma omp critical
-        for (int64_t j = 0; j < n; j++) sums[j] += partial[j];
-        free(block); free(partial);
-        #pragma omp barrier
+        free(block);
         #pragma omp for schedule(static)
         for (int64_t j = 0; j < n; j++) {
+            double sum = 0.0;  /* the threads' partial sums in thread order: the same bits on every run */
+            for (int k = 0; k < threads; k++) sum += partials[(size_t)k * n + j];
             int64_t t = targets[j];
             if (t < 0) { losses[j] = 0.0f; p_scale[j] = 0.0f; th_target[j] = 0.0f; continue; }
             th_target[j] = logits[t * n + j];
-            losses[j] = (float)log(sums[j]) - cap * th_target[j];
-            p_scale[j] = (float)(scale / sums[j]);
+            losses[j] = (float)log(sum) - cap * th_target[j];
+            p_scale[j] = (float)(scale / sum);
         }
         #pragma omp for schedule(static)
         for (int64_t v = 0; v < vocab; v++) {  /* sweep 2: softmax * dsoftcap/dlogit */
@@ -94,7 +94,7 @@ void softcap_ce(float *logits, const int64_t *targets, float *losses, int64_t n,
     }
     for (int64_t j = 0; j < n; j++)  /* minus the one-hot target, times dsoftcap/dlogit */
         if (targets[j] >= 0) logits[targets[j] * n + j] -= scale * (1.0f - th_target[j] * th_target[j]);
-    free(sums); free(p_scale); free(th_target);
+    free(partials); free(p_scale); free(th_target);
 }
 """
 KERNEL_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]  # IEEE arithmetic: no -ffast-math

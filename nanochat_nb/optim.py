@@ -13,13 +13,13 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 # %% auto #0
-__all__ = ['POLAR_EXPRESS_COEFFS', 'ADAMW_DEFAULTS', 'MUON_DEFAULTS', 'BASE_LRS', 'ADAMW_GROUPS', 'MUON_GROUP', 'frobenius_norm',
-           'row_equilibrate', 'polar_express', 'polar_express_direct', 'polar_express_gram', 'normalise_second_moment_',
-           'cautious_update_', 'muon_step_', 'adamw_step_', 'MuonAdamW', 'optimizer_groups', 'setup_optimizer',
-           'describe_param_groups', 'DistMuonAdamW']
+__all__ = ['POLAR_EXPRESS_COEFFS', 'ADAMW_DEFAULTS', 'MUON_DEFAULTS', 'BASE_LRS', 'ADAMW_GROUPS', 'MUON_GROUP',
+           'MUON_WEIGHT_DECAY', 'frobenius_norm', 'row_equilibrate', 'polar_express', 'polar_express_direct',
+           'polar_express_gram', 'normalise_second_moment_', 'cautious_update_', 'muon_step_', 'adamw_step_',
+           'MuonAdamW', 'optimizer_groups', 'setup_optimizer', 'describe_param_groups', 'DistMuonAdamW']
 
 # %% ../nbs/05_optim.ipynb #49b2b5b7
 POLAR_EXPRESS_COEFFS = (  # (a, b, c) of each round, for 5 rounds (Amsel et al. 2025, safety 2e-2, cushion 2)
@@ -252,6 +252,7 @@ ADAMW_GROUPS = {  # group: (its BASE_LRS entry, width scaled, batch scaled, beta
     "smear": ("smear", False, False, (None, None), 0.0),
 }
 MUON_GROUP = "matrices"  # trained by Muon at BASE_LRS["matrix"], one optimizer group per shape
+MUON_WEIGHT_DECAY = 0.28  # Muon's weight decay at the reference size
 
 
 def _base_lrs(lrs: dict | None) -> dict:
@@ -272,7 +273,7 @@ def _muon_groups(matrices: list[Tensor], matrix_lr: float, weight_decay: float) 
 
 
 def optimizer_groups(groups: dict[str, list[Tensor]], model_dim: int, *, lrs: dict | None = None,
-                     weight_decay: float = 0.28, lr_scale: float = 1.0, adam_betas=(0.8, 0.95)) -> list[dict]:
+                     weight_decay: float = MUON_WEIGHT_DECAY, lr_scale: float = 1.0, adam_betas=(0.8, 0.95)) -> list[dict]:
     """The optimizer's groups for a model's named parameter groups (`GPT.param_groups()`), each with its peak lr:
     `BASE_LRS` (entries overridden by `lrs`) x `lr_scale` = sqrt(B/B_ref) x (model_dim/768)^-0.5 where the table
     says so, and x sqrt(max(1, rows/cols)) for Muon's matrices. `weight_decay` is Muon's peak decay."""

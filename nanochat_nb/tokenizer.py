@@ -735,5 +735,5 @@ def main(argv=None):
     commands[argv[0]](argv[1:])
 
 # %% ../nbs/01_tokenizer.ipynb #6cbf6e3c
-if __name__ == "__main__" and "__file__" in globals():  # `python -m nanochat_nb.tokenizer`, not the notebook
+if __name__ == "__main__":
     main()

@@ -33,64 +33,32 @@ from .common import (RunLogger, UserError, all_gather_object, all_reduce_mean, a
 from .core_eval import SAMPLE_PROMPTS, evaluate_bpb, greedy_samples
 from .dataloader import BestFitLoader
 from .dataset import list_shards
-from .gpt import GPT, PAD_VOCAB_TO, GPTConfig, load_model_state
-from .optim import setup_optimizer
+from .gpt import GPT, GPTConfig, load_model_state
+from .optim import BASE_LRS, MUON_WEIGHT_DECAY, MuonAdamW, optimizer_groups, setup_optimizer
 from .tokenizer import load_token_bytes, load_tokenizer
 
 # %% auto #0
-__all__ = ['REF_DEPTH', 'REF_BATCH', 'BATCH_EXPONENT', 'MOMENTUM_WARMUP_STEPS', 'BASE_LRS', 'WIDTH_SCALED', 'BATCH_UNSCALED',
-           'VAL_CACHE_BYTES', 'CPU_COMPILE_MIN_STEPS', 'ASSUMED_MFU', 'model_shape', 'value_embedding_layers',
-           'scaling_params', 'window_sizes', 'flops_per_token', 'PlanError', 'TrainPlan', 'auto_batch_size',
-           'scaled_lrs', 'derive_plan', 'build_parser', 'plan_from_args', 'describe_plan', 'ResumableBatches',
-           'TrainingDiverged', 'LoopState', 'default_run_dir', 'build_model', 'use_compile', 'device_peak_flops',
-           'Progress', 'Trainer', 'measure_step_seconds', 'dry_run', 'train', 'main']
-
-# %% ../nbs/06_train.ipynb #05037136
-def model_shape(depth: int, aspect_ratio: int = 64, head_dim: int = 128) -> tuple[int, int]:
-    "(model width, number of heads) for a depth: `depth*aspect_ratio` rounded up to a multiple of `head_dim`."
-    n_embd = math.ceil(depth * aspect_ratio / head_dim) * head_dim
-    return n_embd, n_embd // head_dim
+__all__ = ['REF_DEPTH', 'REF_BATCH', 'BATCH_EXPONENT', 'MOMENTUM_WARMUP_STEPS', 'VAL_CACHE_BYTES', 'CPU_COMPILE_MIN_STEPS',
+           'ASSUMED_MFU', 'meta_model', 'PlanError', 'TrainPlan', 'auto_batch_size', 'derive_plan', 'build_parser',
+           'plan_from_args', 'describe_plan', 'ResumableBatches', 'TrainingDiverged', 'LoopState', 'default_run_dir',
+           'build_model', 'build_optimizer', 'set_schedules', 'use_compile', 'device_peak_flops', 'Progress',
+           'train_batches', 'read_validation_batches', 'check_run_folder', 'TrainingRun', 'Trainer',
+           'measure_step_seconds', 'dry_run', 'train', 'main']
 
 # %% ../nbs/06_train.ipynb #ddf8a1b0
-def value_embedding_layers(n_layer: int) -> int:
-    "How many layers carry a value embedding: those with the last layer's parity."
-    return (n_layer + 1) // 2
-
-
-def scaling_params(depth: int, vocab_size: int, aspect_ratio: int = 64, head_dim: int = 128) -> int:
-    "N for the scaling laws: transformer matrices (incl. value-embedding gates) plus the lm_head."
-    n_embd, n_head = model_shape(depth, aspect_ratio, head_dim)
-    matrices = depth * 12 * n_embd**2 + value_embedding_layers(depth) * n_head * 12
-    padded_vocab = math.ceil(vocab_size / PAD_VOCAB_TO) * PAD_VOCAB_TO
-    return matrices + padded_vocab * n_embd
-
-
-def window_sizes(n_layer: int, sequence_len: int, window_pattern: str = "SSSL") -> list[int]:
-    "The attention window of each layer: the pattern tiled over the layers, the last layer always full."
-    short = min(sequence_len, math.ceil(sequence_len / 4 / 128) * 128)
-    sizes = [short if window_pattern[i % len(window_pattern)] == "S" else sequence_len for i in range(n_layer)]
-    sizes[-1] = sequence_len
-    return sizes
-
-
-def flops_per_token(depth: int, vocab_size: int, sequence_len: int, window_pattern: str = "SSSL",
-                    aspect_ratio: int = 64, head_dim: int = 128) -> float:
-    "Training FLOPs per token: 6 per scaling parameter plus the attention term of every layer."
-    n_embd, n_head = model_shape(depth, aspect_ratio, head_dim)
-    attention = sum(12 * n_head * head_dim * w for w in window_sizes(depth, sequence_len, window_pattern))
-    return 6 * scaling_params(depth, vocab_size, aspect_ratio, head_dim) + attention
+def meta_model(depth: int, vocab_size: int = 32768, max_seq_len: int = 2048, window_pattern: str = "SSSL",
+               aspect_ratio: int = 64, head_dim: int = 128) -> GPT:
+    "The GPT of this depth on the meta device: shapes and counts, no memory, no initialisation."
+    config = GPTConfig.from_depth(depth, vocab_size=vocab_size, sequence_len=max_seq_len, aspect_ratio=aspect_ratio,
+                                  head_dim=head_dim, window_pattern=window_pattern)
+    with torch.device("meta"):
+        return GPT(config, compute_dtype=torch.float32)
 
 # %% ../nbs/06_train.ipynb #de6d2bef
 REF_DEPTH = 12             # the size the hyperparameters were tuned at
 REF_BATCH = 2**19          # the best total batch (tokens) measured at the reference size
 BATCH_EXPONENT = 0.383     # optimal batch ~ D^0.383 (Power Lines)
 MOMENTUM_WARMUP_STEPS = 400
-BASE_LRS = {  # peak learning rates at the reference batch and width
-    "unembedding": 0.008, "embedding": 0.3, "value_embedding": 0.15, "matrix": 0.02,
-    "scalar": 0.5, "resid": 0.005, "smear": 0.2,
-}
-WIDTH_SCALED = ("unembedding", "embedding", "value_embedding")  # AdamW groups scaled by (d/768)^-0.5
-BATCH_UNSCALED = ("smear",)
 
 
 class PlanError(UserError):
@@ -118,7 +86,8 @@ class TrainPlan:
     num_iterations: int
     lr_scale: float            # sqrt(B / B_ref)
     weight_decay: float        # Muon's peak decay, before its cosine schedule
-    lrs: dict                  # peak learning rate of each group, with batch and width scaling
+    base_lrs: dict             # the optimizer's BASE_LRS, with this run's overrides
+    lrs: dict                  # the peak learning rate each optimizer group really gets (all scalings applied)
     device_batch_size: int
     world_size: int
     grad_accum_steps: int      # micro-steps per optimizer step, per process
@@ -191,33 +160,9 @@ def auto_batch_size(target_tokens: float, ref_tokens: float) -> int:
     "B_ref * (D/D_ref)^0.383, rounded to the nearest power of two."
     return 2 ** round(math.log2(REF_BATCH * (target_tokens / ref_tokens) ** BATCH_EXPONENT))
 
-
-def scaled_lrs(base_lrs: dict, lr_scale: float, n_embd: int) -> dict:
-    "Each group's peak learning rate after the batch scaling and (for embeddings and head) the width scaling."
-    width_scale = (n_embd / 768) ** -0.5
-    return {name: lr * (1.0 if name in BATCH_UNSCALED else lr_scale) * (width_scale if name in WIDTH_SCALED else 1.0)
-            for name, lr in base_lrs.items()}
-
 # %% ../nbs/06_train.ipynb #caa6160e
-def derive_plan(depth: int, vocab_size: int = 32768, *, max_seq_len: int = 2048, window_pattern: str = "SSSL",
-                head_dim: int = 128, aspect_ratio: int = 64, target_param_data_ratio: float = 12,
-                target_flops: float = -1, num_iterations: int = -1, total_batch_size: int = -1,
-                device_batch_size: int = 32, world_size: int = 1, weight_decay: float = 0.28,
-                base_lrs: dict | None = None, warmup_steps: int = 40, warmdown_ratio: float = 0.65,
-                final_lr_frac: float = 0.05, emulated_ranks: int = 1) -> TrainPlan:
-    """Every hyperparameter of a run from its depth (and optional overrides); raises `PlanError` on bad input.
-    The horizon is `num_iterations` if > 0, else `target_flops` if > 0, else `target_param_data_ratio` * N."""
-    _check_inputs(depth, device_batch_size, max_seq_len, world_size, window_pattern, head_dim, aspect_ratio,
-                  num_iterations, target_flops, target_param_data_ratio)
-    n_embd, n_head = model_shape(depth, aspect_ratio, head_dim)
-    n_params = scaling_params(depth, vocab_size, aspect_ratio, head_dim)
-    flops = flops_per_token(depth, vocab_size, max_seq_len, window_pattern, aspect_ratio, head_dim)
-    ratio = target_param_data_ratio if target_param_data_ratio > 0 else 12
-    target_tokens = int(ratio * n_params)
-    ref_tokens = ratio * scaling_params(REF_DEPTH, vocab_size, aspect_ratio, head_dim)
-
-    auto_batch = total_batch_size <= 0
-    batch = auto_batch_size(target_tokens, ref_tokens) if auto_batch else total_batch_size
+def _accumulation(batch: int, device_batch_size: int, max_seq_len: int, world_size: int, emulated_ranks: int) -> int:
+    "Micro-steps per optimizer step and process; a `PlanError` if the batch does not split evenly."
     tokens_per_micro_step = device_batch_size * max_seq_len * world_size
     if batch % tokens_per_micro_step:
         raise PlanError(f"The total batch of {batch:,} tokens is not a multiple of device batch x sequence x processes "
@@ -228,25 +173,58 @@ def derive_plan(depth: int, vocab_size: int = 32768, *, max_seq_len: int = 2048,
         raise PlanError(f"--emulate-ranks must be a positive number of ranks, got {emulated_ranks!r}.")
     if grad_accum_steps % emulated_ranks:
         raise PlanError(f"{grad_accum_steps} micro-steps per step cannot be split evenly over {emulated_ranks} emulated ranks.")
+    return grad_accum_steps
 
+
+def _horizon(num_iterations: int, target_flops: float, flops_per_token: float, target_tokens: int,
+             batch: int) -> tuple[str, int]:
+    "What sets the number of steps, and that number."
     if num_iterations > 0:
         horizon, iterations = "num_iterations", num_iterations
     elif target_flops > 0:
-        horizon, iterations = "target_flops", round(target_flops / (flops * batch))
+        horizon, iterations = "target_flops", round(target_flops / (flops_per_token * batch))
     else:
         horizon, iterations = "ratio", target_tokens // batch
     if iterations < 1:
         raise PlanError(f"The plan has {iterations} steps (batch {batch:,} tokens is larger than the horizon): "
                         "give a smaller --total-batch-size or a larger horizon.")
+    return horizon, iterations
 
+
+def derive_plan(depth: int, vocab_size: int = 32768, *, max_seq_len: int = 2048, window_pattern: str = "SSSL",
+                head_dim: int = 128, aspect_ratio: int = 64, target_param_data_ratio: float = 12,
+                target_flops: float = -1, num_iterations: int = -1, total_batch_size: int = -1,
+                device_batch_size: int = 32, world_size: int = 1, weight_decay: float = MUON_WEIGHT_DECAY,
+                base_lrs: dict | None = None, warmup_steps: int = 40, warmdown_ratio: float = 0.65,
+                final_lr_frac: float = 0.05, emulated_ranks: int = 1) -> TrainPlan:
+    """Every hyperparameter of a run from its depth (and optional overrides); raises `PlanError` on bad input.
+    The horizon is `num_iterations` if > 0, else `target_flops` if > 0, else `target_param_data_ratio` * N.
+    The counts come from the model itself, built on the meta device."""
+    _check_inputs(depth, device_batch_size, max_seq_len, world_size, window_pattern, head_dim, aspect_ratio,
+                  num_iterations, target_flops, target_param_data_ratio)
+    shape = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, window_pattern=window_pattern.upper(),
+                 aspect_ratio=aspect_ratio, head_dim=head_dim)
+    model = meta_model(depth, **shape)
+    n_params, flops = model.num_scaling_params(), model.estimate_flops()
+    ratio = target_param_data_ratio if target_param_data_ratio > 0 else 12
+    target_tokens = int(ratio * n_params)
+    ref_tokens = ratio * meta_model(REF_DEPTH, **shape).num_scaling_params()
+
+    auto_batch = total_batch_size <= 0
+    batch = auto_batch_size(target_tokens, ref_tokens) if auto_batch else total_batch_size
+    grad_accum_steps = _accumulation(batch, device_batch_size, max_seq_len, world_size, emulated_ranks)
+    horizon, iterations = _horizon(num_iterations, target_flops, flops, target_tokens, batch)
     lr_scale = math.sqrt(batch / REF_BATCH)
+    muon_decay = weight_decay * lr_scale * ref_tokens / target_tokens
+    base_lrs = {**BASE_LRS, **(base_lrs or {})}
+    groups = optimizer_groups(model.param_groups(), model.config.n_embd, lrs=base_lrs, weight_decay=muon_decay,
+                              lr_scale=lr_scale)
     return TrainPlan(
-        depth=depth, vocab_size=vocab_size, max_seq_len=max_seq_len, window_pattern=window_pattern.upper(),
-        head_dim=head_dim, aspect_ratio=aspect_ratio, n_embd=n_embd, n_head=n_head,
+        depth=depth, vocab_size=vocab_size, max_seq_len=max_seq_len, window_pattern=shape["window_pattern"],
+        head_dim=head_dim, aspect_ratio=aspect_ratio, n_embd=model.config.n_embd, n_head=model.config.n_head,
         num_scaling_params=n_params, flops_per_token=flops, target_param_data_ratio=ratio, horizon=horizon,
         target_tokens=target_tokens, total_batch_size=batch, auto_batch=auto_batch, num_iterations=iterations,
-        lr_scale=lr_scale, weight_decay=weight_decay * lr_scale * ref_tokens / target_tokens,
-        lrs=scaled_lrs({**BASE_LRS, **(base_lrs or {})}, lr_scale, n_embd),
+        lr_scale=lr_scale, weight_decay=muon_decay, base_lrs=base_lrs, lrs={g["name"]: g["lr"] for g in groups},
         device_batch_size=device_batch_size, world_size=world_size, grad_accum_steps=grad_accum_steps,
         warmup_steps=warmup_steps, warmdown_ratio=warmdown_ratio, final_lr_frac=final_lr_frac)
 
@@ -270,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: derive)")
     for name, lr in BASE_LRS.items():
         opt.add_argument(f"--{name.replace('_', '-')}-lr", type=float, default=lr, help=f"peak lr of the {name} group at the reference batch")
-    opt.add_argument("--weight-decay", type=float, default=0.28, help="Muon weight decay at the reference size")
+    opt.add_argument("--weight-decay", type=float, default=MUON_WEIGHT_DECAY, help="Muon weight decay at the reference size")
     opt.add_argument("--warmup-steps", type=int, default=40)
     opt.add_argument("--warmdown-ratio", type=float, default=0.65)
     opt.add_argument("--final-lr-frac", type=float, default=0.05)
@@ -321,11 +299,11 @@ def describe_plan(plan: TrainPlan) -> str:
         f"batch        {plan.device_batch_size} x {plan.max_seq_len} tokens x {plan.world_size} process(es) "
         f"x {plan.grad_accum_steps} accumulation steps",
         f"lr scale     {plan.lr_scale:.4f} (sqrt(B/{REF_BATCH:,}))",
-        "peak lrs     " + ", ".join(f"{k} {v:.4g}" for k, v in plan.lrs.items()),
         f"weight decay Muon {plan.weight_decay:.4g}, cosine to 0",
         f"schedule     warm-up {plan.warmup_steps} steps, warm-down {plan.warmdown_steps} steps to "
         f"{plan.final_lr_frac}x; Muon momentum 0.85->0.97 over {MOMENTUM_WARMUP_STEPS} steps, ->0.90 in warm-down",
     ]
+    lines += [f"{'peak lr' if i == 0 else '':13s}{name:<16s}{lr:.4g}" for i, (name, lr) in enumerate(plan.lrs.items())]
     return "\n".join(lines)
 
 # %% ../nbs/06_train.ipynb #460fc781
@@ -400,6 +378,23 @@ def build_model(plan: TrainPlan, device: torch.device, seed: int = 42) -> GPT:
     return model
 
 
+def build_optimizer(plan: TrainPlan, model: GPT, world_size: int, compile: bool | None = None) -> MuonAdamW:
+    "The optimizer over the model's parameter groups, at the learning rates the plan printed (`plan.lrs`)."
+    return setup_optimizer(model.param_groups(), model.config.n_embd, lrs=plan.base_lrs, lr_scale=plan.lr_scale,
+                           weight_decay=plan.weight_decay, world_size=world_size, compile=compile)
+
+
+def set_schedules(optimizer: MuonAdamW, plan: TrainPlan, step: int) -> float:
+    "Every group's lr (its peak x the schedule), Muon's momentum and weight decay at `step`; returns the lr multiplier."
+    lrm = plan.lr_multiplier(step)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group["kind"] == "muon":
+            group["momentum"] = plan.muon_momentum(step)
+            group["weight_decay"] = plan.muon_weight_decay(step)
+    return lrm
+
+
 CPU_COMPILE_MIN_STEPS = 200
 
 
@@ -410,7 +405,7 @@ def use_compile(choice: str, device: torch.device, plan: TrainPlan) -> bool:
         return choice == "on"
     return device.type == "cuda" or plan.num_iterations >= CPU_COMPILE_MIN_STEPS
 
-
+# %% ../nbs/06_train.ipynb #01908df9
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     "The peak FLOP/s MFU is measured against (NaN for fp16 on a CPU, where timing a big matmul takes minutes)."
     if device.type == "cpu" and dtype == torch.float16:
@@ -459,9 +454,44 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
+# %% ../nbs/06_train.ipynb #ae14e80c
+def train_batches(tokenizer, plan: TrainPlan, device: torch.device, dist_info, emulated_ranks: int = 1) -> ResumableBatches:
+    "This process's training batches: the streams of its `emulated_ranks` ranks, taken in turn."
+    world = dist_info.world_size
+    return ResumableBatches([
+        BestFitLoader(tokenizer, plan.device_batch_size, plan.max_seq_len, split="train", device=device,
+                      rank=dist_info.rank + world * k, world_size=world * emulated_ranks)
+        for k in range(emulated_ranks)])
+
+
+def read_validation_batches(tokenizer, plan: TrainPlan, device: torch.device, dist_info, eval_tokens: int) -> list:
+    "This process's share of the first `eval_tokens` tokens of the validation split."
+    world = dist_info.world_size
+    loader = BestFitLoader(tokenizer, plan.device_batch_size, plan.max_seq_len, split="val", device=device,
+                           rank=dist_info.rank, world_size=world)
+    num_batches = max(1, eval_tokens // (plan.device_batch_size * plan.max_seq_len * world))
+    try:
+        return list(itertools.islice(iter(loader), num_batches))
+    finally:
+        loader.close()
+
+
+def check_run_folder(run_dir: Path, resume: bool, is_main: bool):
+    "Refuse a resume without checkpoints and a new run over old ones; set aside the log of a run that never saved."
+    found = checkpoint.steps(run_dir)
+    if resume and not found:
+        raise checkpoint.CheckpointError(f"--resume: no checkpoint in {run_dir}; start without --resume, "
+                                         "or point --run-dir at the run.")
+    if not resume and found:
+        raise UserError(f"{run_dir} already holds checkpoints (latest step {found[-1]}): pass --resume "
+                        "to continue that run, or --run-dir for a new one (nothing was overwritten).")
+    log = run_dir / "log.jsonl"
+    if not resume and log.exists() and is_main:  # a run that died before its first checkpoint
+        log.rename(log.with_name(f"log.{int(log.stat().st_mtime)}.jsonl"))
+
 # %% ../nbs/06_train.ipynb #e32bb15d
-class Trainer:
-    "One base-training run: `Trainer(args)` checks and plans, `setup()` builds, `run()` trains, `close()` lets go."
+class TrainingRun:
+    "A base-training run's parts: `TrainingRun(args)` plans, `setup()` builds or restores, `save()`, `close()`."
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -474,9 +504,10 @@ class Trainer:
         self.plan = plan_from_args(args, self.tokenizer.vocab_size, self.dist.world_size)
         self.run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.depth)
         self.state = LoopState()
-        self.lock = self.model = self.optimizer = self.batches = self.logger = None
-        self.step_model = self.eval_model = self.scaler = self.token_bytes = None
-        self.resumed_at, self.first_step, self.peak_flops, self._val_batches = None, 0, float("nan"), None
+        # made by setup(): `model` is what is saved, `step_model` and `eval_model` run it (compiled or not)
+        self.lock = self.model = self.step_model = self.eval_model = self.optimizer = self.scaler = None
+        self.batches = self.val_batches = self.logger = self.token_bytes = None
+        self.peak_flops, self.resumed_at, self.first_step = float("nan"), None, 0
 
     def identity(self) -> dict:
         "What this run's checkpoints must match to be resumed: model, processes, tokenizer and data."
@@ -485,19 +516,16 @@ class Trainer:
                 "tokenizer": checkpoint.tokenizer_fingerprint(self.tokenizer),
                 "data": checkpoint.data_fingerprint(list_shards())}
 
-    # ---- setup -------------------------------------------------------------------------------------------
     def setup(self):
         "Lock and check the run folder, build model, optimizer and data, restore a checkpoint if resuming."
+        args, plan = self.args, self.plan
         self.lock = checkpoint.lock_run_folder(self.run_dir, self.dist.rank)
-        self._check_run_dir()
+        check_run_folder(self.run_dir, self.resume, self.dist.is_main)
         checkpoint.keep_tokenizer_copy(self.run_dir, self.tokenizer, self.allow, self.dist.rank)
-        self.model = build_model(self.plan, self.device, self.args.seed)
-        compiled = use_compile(self.args.compile, self.device, self.plan)
-        self.optimizer = setup_optimizer(
-            self.model, **{f"{name}_lr": getattr(self.args, f"{name}_lr") for name in BASE_LRS},
-            weight_decay=self.plan.weight_decay, lr_scale=self.plan.lr_scale, world_size=self.dist.world_size,
-            compile=compiled)
-        self.batches = self._train_batches()
+        compiled = use_compile(args.compile, self.device, plan)
+        self.model = build_model(plan, self.device, args.seed)
+        self.optimizer = build_optimizer(plan, self.model, self.dist.world_size, compiled)
+        self.batches = train_batches(self.tokenizer, plan, self.device, self.dist, args.emulate_ranks)
         if self.resume:
             self.resumed_at = self._restore()
         self.step_model = self.eval_model = self.model
@@ -508,33 +536,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.logger = RunLogger(self.run_dir / "log.jsonl", echo=False)
         self.peak_flops = device_peak_flops(self.device, self.dtype) * self.dist.world_size
-        self.token_bytes = load_token_bytes(self.args.tokenizer_dir).to(self.device)
+        self.token_bytes = load_token_bytes(args.tokenizer_dir).to(self.device)
         if self.dist.is_main:
-            atomic_write(self.run_dir / "plan.json", json.dumps(asdict(self.plan), indent=2))
+            atomic_write(self.run_dir / "plan.json", json.dumps(asdict(plan), indent=2))
         return self
 
-    def _train_batches(self) -> ResumableBatches:
-        emulated, world = self.args.emulate_ranks, self.dist.world_size
-        return ResumableBatches([
-            BestFitLoader(self.tokenizer, self.plan.device_batch_size, self.plan.max_seq_len, split="train",
-                          device=self.device, rank=self.dist.rank + world * k, world_size=world * emulated)
-            for k in range(emulated)])
-
-    def _check_run_dir(self):
-        found = checkpoint.steps(self.run_dir)
-        if self.resume and not found:
-            raise checkpoint.CheckpointError(f"--resume: no checkpoint in {self.run_dir}; start without --resume, "
-                                             "or point --run-dir at the run.")
-        if not self.resume and found:
-            raise UserError(f"{self.run_dir} already holds checkpoints (latest step {found[-1]}): pass --resume "
-                            "to continue that run, or --run-dir for a new one (nothing was overwritten).")
-        log = self.run_dir / "log.jsonl"
-        if not self.resume and log.exists() and self.dist.is_main:  # a run that died before its first checkpoint
-            log.rename(log.with_name(f"log.{int(log.stat().st_mtime)}.jsonl"))
-
     def _restore(self) -> int:
-        step = checkpoint.resolve_step(self.run_dir, self.args.resume_step if self.args.resume_step >= 0 else None)
-        if self.args.resume_step >= 0 and self.dist.is_main:
+        "Model, optimizer, data positions, random states and counters from the checkpoint; returns its step."
+        resume_step = self.args.resume_step if self.args.resume_step >= 0 else None
+        step = checkpoint.resolve_step(self.run_dir, resume_step)
+        if resume_step is not None and self.dist.is_main:
             aside = checkpoint.set_aside_after(self.run_dir, step)
             if aside is not None:
                 print0(f"--resume-step {step}: the checkpoints after step {step} were moved to {aside}")
@@ -553,6 +564,24 @@ class Trainer:
         print0(f"resumed from step {self.state.step} of {self.run_dir}")
         return self.state.step
 
+    def save(self):
+        "A checkpoint of everything the rest of the run depends on (every process takes part)."
+        plan, state = self.plan, self.state
+        meta = {"val_bpb": state.val_bpb, "user_config": vars(self.args), "device_batch_size": plan.device_batch_size,
+                "max_seq_len": plan.max_seq_len, "total_batch_size": plan.total_batch_size, "plan": asdict(plan),
+                "loop_state": asdict(state), "batch_positions": all_gather_object(self.batches.state_dict()),
+                "rng_states": all_gather_object(checkpoint.rng_state()), **self.identity()}
+        try:
+            checkpoint.save(self.run_dir, state.step, self.model, self.optimizer.state_dict(), meta, self.dist.rank)
+        except checkpoint.NonFiniteWeights as error:
+            raise TrainingDiverged(self._diverged_message(str(error).rstrip("."))) from None
+
+    def _diverged_message(self, what: str) -> str:
+        good = checkpoint.latest(self.run_dir)  # only finite weights are ever saved
+        kept = f"the last good checkpoint is step {good} in {self.run_dir}" if good is not None else "no checkpoint was written"
+        return (f"{what}; training stopped and {kept}. Lower the learning rates (e.g. --matrix-lr, --embedding-lr) "
+                "or use a smaller --total-batch-size.")
+
     def close(self):
         "Stop the data loaders and release the run folder."
         if self.batches is not None:
@@ -560,7 +589,10 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
 
-    # ---- the loop ----------------------------------------------------------------------------------------
+# %% ../nbs/06_train.ipynb #ef4f1a88
+class Trainer(TrainingRun):
+    "One base-training run: `Trainer(args)` plans, `setup()` builds, `run()` trains, `close()` lets go."
+
     def run(self) -> dict:
         "Train to the end of the plan; returns a summary. Raises `TrainingDiverged` if anything stops being finite."
         args, plan, state = self.args, self.plan, self.state
@@ -590,22 +622,12 @@ class Trainer:
         return {"run_dir": str(self.run_dir), "step": state.step, "val_bpb": state.val_bpb,
                 "min_val_bpb": state.min_val_bpb, "train_seconds": state.train_seconds}
 
-    def _set_schedules(self, step: int, optimizer=None) -> float:
-        lrm = self.plan.lr_multiplier(step)
-        for group in (optimizer or self.optimizer).param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = self.plan.muon_momentum(step)
-                group["weight_decay"] = self.plan.muon_weight_decay(step)
-        return lrm
-
     def train_step(self, inputs, targets):
         "One optimizer step over `grad_accum_steps` micro-batches; returns the next batch and the step's metrics."
-        plan, state = self.plan, self.state
-        accum = plan.grad_accum_steps
+        accum = self.plan.grad_accum_steps
         _synchronize(self.device)
         start = time.perf_counter()
-        lrm = self._set_schedules(state.step)
+        lrm = set_schedules(self.optimizer, self.plan, self.state.step)
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(accum):
             loss = self.step_model(inputs, targets)
@@ -615,12 +637,11 @@ class Trainer:
             inputs, targets = next(self.batches)   # fetched while the GPU still works on the backward pass
         loss = all_reduce_mean(loss_sum / accum).item()
         if not math.isfinite(loss):
-            raise TrainingDiverged(self._diverged_message(f"The training loss became {loss} at step {state.step + 1}"))
+            raise TrainingDiverged(self._diverged_message(f"The training loss became {loss} at step {self.state.step + 1}"))
         self._optimizer_step()
         self.model.zero_grad(set_to_none=True)
         _synchronize(self.device)
-        seconds = time.perf_counter() - start
-        return inputs, targets, self._record(loss, lrm, seconds)
+        return inputs, targets, self._record(loss, lrm, time.perf_counter() - start)
 
     def _optimizer_step(self):
         if self.scaler is None:
@@ -633,16 +654,11 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-    def _diverged_message(self, what: str) -> str:
-        good = checkpoint.latest(self.run_dir)  # only finite weights are ever saved
-        kept = f"the last good checkpoint is step {good} in {self.run_dir}" if good is not None else "no checkpoint was written"
-        return (f"{what}; training stopped and {kept}. Lower the learning rates (e.g. --matrix-lr, --embedding-lr) "
-                "or use a smaller --total-batch-size.")
-
     def _record(self, loss: float, lrm: float, seconds: float) -> dict:
+        "Count the step, log it, and return its metrics (the first step of a process includes compilation: not timed)."
         plan, state = self.plan, self.state
         state.step += 1
-        if state.step > self.first_step + 1:  # the first step of a process includes compilation and warm-up
+        if state.step > self.first_step + 1:
             state.train_seconds += seconds
             state.timed_steps += 1
         beta = 0.9
@@ -656,37 +672,22 @@ class Trainer:
         self.logger.log(state.step, **record)
         return record
 
-    # ---- evaluation, samples, checkpoints ---------------------------------------------------------------
-    def validation_batches(self) -> list:
-        "The first `eval_tokens` tokens of the validation split, the same at every evaluation (kept if small)."
-        if self._val_batches is not None:
-            return self._val_batches
-        plan, world = self.plan, self.dist.world_size
-        loader = BestFitLoader(self.tokenizer, plan.device_batch_size, plan.max_seq_len, split="val",
-                               device=self.device, rank=self.dist.rank, world_size=world)
-        num_batches = max(1, self.args.eval_tokens // (plan.device_batch_size * plan.max_seq_len * world))
-        try:
-            batches = list(itertools.islice(iter(loader), num_batches))
-        finally:
-            loader.close()
-        if num_batches * plan.device_batch_size * plan.max_seq_len * 16 <= VAL_CACHE_BYTES:
-            self._val_batches = batches
-        return batches
-
     def evaluate(self, progress=None):
         "Validation bits per byte on `eval_tokens` tokens; a non-finite value stops the run."
-        batches = self.validation_batches()
+        plan, state = self.plan, self.state
+        batches = self.val_batches or read_validation_batches(self.tokenizer, plan, self.device, self.dist,
+                                                              self.args.eval_tokens)
+        if len(batches) * plan.device_batch_size * plan.max_seq_len * 16 <= VAL_CACHE_BYTES:
+            self.val_batches = batches
         self.model.eval()
         try:
             with torch.no_grad():
                 value = evaluate_bpb(self.eval_model, batches, self.token_bytes)
         finally:
             self.model.train()
-        plan, state = self.plan, self.state
         if not math.isfinite(value):
             raise TrainingDiverged(self._diverged_message(f"The validation bits per byte became {value} at step {state.step}"))
-        state.val_bpb = value
-        state.min_val_bpb = min(state.min_val_bpb, value)
+        state.val_bpb, state.min_val_bpb = value, min(state.min_val_bpb, value)
         tokens = state.step * plan.total_batch_size
         self.logger.log(state.step, val_bpb=value, tokens=tokens, flops=plan.flops_per_token * tokens)
         _write(progress, f"step {state.step:05d} | val_bpb {value:.4f}")
@@ -702,29 +703,15 @@ class Trainer:
             _write(progress, "  " + text.replace("\n", " "))
         self.logger.log(self.state.step, samples=samples)
 
-    def save(self):
-        "A checkpoint of everything the rest of the run depends on (every process takes part)."
-        state = self.state
-        positions = all_gather_object(self.batches.state_dict())
-        meta = {"val_bpb": state.val_bpb, "user_config": vars(self.args), "device_batch_size": self.plan.device_batch_size,
-                "max_seq_len": self.plan.max_seq_len, "total_batch_size": self.plan.total_batch_size,
-                "plan": asdict(self.plan), "loop_state": asdict(state), "batch_positions": positions,
-                "rng_states": all_gather_object(checkpoint.rng_state()), **self.identity()}
-        try:
-            checkpoint.save(self.run_dir, state.step, self.model, self.optimizer.state_dict(), meta, self.dist.rank)
-        except checkpoint.NonFiniteWeights as error:
-            raise TrainingDiverged(self._diverged_message(str(error).rstrip("."))) from None
-
 # %% ../nbs/06_train.ipynb #b471aad8
 ASSUMED_MFU = 0.4
 
 
-def measure_step_seconds(trainer: Trainer, repeats: int = 2) -> float:
-    "Seconds per optimizer step of the planned model, timed on random tokens."
-    plan, args, device = trainer.plan, trainer.args, trainer.device
-    model = build_model(plan, device, args.seed)
-    optimizer = setup_optimizer(model, **{f"{n}_lr": getattr(args, f"{n}_lr") for n in BASE_LRS},
-                                weight_decay=plan.weight_decay, lr_scale=plan.lr_scale, world_size=trainer.dist.world_size)
+def measure_step_seconds(run: TrainingRun, repeats: int = 2) -> float:
+    "Seconds per optimizer step of the planned model, timed on random tokens (with a model and optimizer of its own)."
+    plan, device = run.plan, run.device
+    model = build_model(plan, device, run.args.seed)
+    optimizer = build_optimizer(plan, model, run.dist.world_size)
     tokens = torch.randint(plan.vocab_size, (plan.device_batch_size, plan.max_seq_len + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
@@ -738,18 +725,18 @@ def measure_step_seconds(trainer: Trainer, repeats: int = 2) -> float:
         return (time.perf_counter() - start) / repeats
 
     micro = timed(lambda: model(inputs, targets).backward())
-    trainer._set_schedules(0, optimizer)
+    set_schedules(optimizer, plan, 0)
     update = timed(optimizer.step)
     return plan.grad_accum_steps * micro + update
 
 
-def dry_run(trainer: Trainer) -> dict:
+def dry_run(run: TrainingRun) -> dict:
     "The plan's estimated time, measured where that is quick, else at an assumed MFU."
-    plan = trainer.plan
-    peak = device_peak_flops(trainer.device, trainer.dtype) * trainer.dist.world_size
+    plan = run.plan
+    peak = device_peak_flops(run.device, run.dtype) * run.dist.world_size
     micro_flops = plan.flops_per_token * plan.device_batch_size * plan.max_seq_len
-    if micro_flops / (peak / trainer.dist.world_size) < 5:  # a micro-step takes at most seconds: time it
-        step_seconds = measure_step_seconds(trainer)
+    if micro_flops / (peak / run.dist.world_size) < 5:  # a micro-step takes at most seconds: time it
+        step_seconds = measure_step_seconds(run)
         how = f"measured {step_seconds:.3g} s/step without torch.compile"
     else:
         step_seconds = plan.flops_per_token * plan.total_batch_size / (peak * ASSUMED_MFU)
@@ -785,5 +772,5 @@ def main(argv=None):
         print0(f"done: step {summary['step']}, run folder {summary['run_dir']}")
 
 # %% ../nbs/06_train.ipynb #ec2bd3dc
-if __name__ == "__main__" and "__file__" in globals():  # `python -m nanochat_nb.train`, not the notebook
+if __name__ == "__main__":
     main()

@@ -99,3 +99,22 @@ def test_kernel_leaves_the_floating_point_state_alone(tmp_path):
     before, loaded, ran = done.stdout.split()
     assert before == "True", "subnormals work in a plain process"
     assert (loaded, ran) == ("True", "True"), "loading or running the kernel flushed subnormals to zero"
+
+
+def test_native_kernel_gives_the_same_bits_on_every_run():
+    "The threads' partial sums are combined in thread order, so more threads than cores still repeat exactly."
+    if native_softcap_ce() is None:
+        pytest.fail("the C kernel did not build on this machine")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        logits, targets = torch.randn(8192, 512, generator=gen) * 5, torch.randint(8192, (512,), generator=gen)
+        runs = []
+        for _ in range(6):
+            grad, losses = logits.clone(), torch.empty(512)
+            softcap_ce_(grad, targets, losses)
+            runs.append((grad, losses))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(runs[0][0], g) and torch.equal(runs[0][1], l) for g, l in runs[1:])

@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, assert_user_error, run_python
 from nanochat_nb.checkpoint import load as load_checkpoint, steps as checkpoint_steps
 from nanochat_nb.common import read_log
-from nanochat_nb.train import BASE_LRS, REF_BATCH, Trainer, derive_plan, flops_per_token, main, scaling_params
+from nanochat_nb.train import BASE_LRS, REF_BATCH, Trainer, build_model, build_optimizer, derive_plan, main
 
 STEPS, SAVE_EVERY = 24, 8
 # At a 1K-token batch the sqrt(B/B_ref) rule gives learning rates ~23x below the reference; 10x them so that
@@ -60,14 +60,17 @@ def test_dial_reproduces_the_reference_table():
         assert plan.weight_decay == pytest.approx(decay, abs=1e-4)
         assert plan.grad_accum_steps == batch // (32 * 2048 * 8)
     assert derive_plan(12).n_embd == 768 and derive_plan(24).n_head == 12
+    assert derive_plan(12).num_scaling_params == 84_935_088 + 25_165_824   # matrices + head, 32K vocab
+    assert derive_plan(8).num_scaling_params == 25_166_016 + 16_777_216
 
 
 def test_dial_horizons_and_scaling():
     plan = derive_plan(4, total_batch_size=4096, device_batch_size=8, max_seq_len=512, num_iterations=120)
     assert (plan.num_iterations, plan.grad_accum_steps, plan.horizon) == (120, 1, "num_iterations")
     assert plan.lr_scale == pytest.approx(math.sqrt(4096 / REF_BATCH))
-    assert plan.lrs["embedding"] == pytest.approx(0.3 * plan.lr_scale * (256 / 768) ** -0.5)
-    assert plan.lrs["smear"] == 0.2 and plan.lrs["matrix"] == pytest.approx(0.02 * plan.lr_scale)
+    assert plan.lrs["wte"] == pytest.approx(0.3 * plan.lr_scale * (256 / 768) ** -0.5)
+    assert plan.lrs["smear"] == 0.2 and plan.lrs["muon 256x256"] == pytest.approx(0.02 * plan.lr_scale)
+    assert plan.lrs["muon 1024x256"] == pytest.approx(2 * 0.02 * plan.lr_scale)   # Muon's shape factor, sqrt(4)
     budget = derive_plan(6, target_flops=1e15)
     assert budget.horizon == "target_flops"
     assert budget.num_iterations == round(1e15 / (budget.flops_per_token * budget.total_batch_size))
@@ -81,9 +84,16 @@ def test_dial_counts_match_the_model():
             depth, vocab_size=2048, sequence_len=512)).items() if k in plan.model_config()}
         with torch.device("meta"):
             model = GPT(GPTConfig(**plan.model_config()))
-        assert model.num_scaling_params() == scaling_params(depth, 2048)
-        # the model also counts the 24-weight smear gate as a linear layer; nanochat leaves it out
-        assert model.estimate_flops() == pytest.approx(flops_per_token(depth, 2048, 512), abs=6 * 24)
+        assert plan.num_scaling_params == model.num_scaling_params()
+        # the model's FLOPs: every linear weight, the 24-weight smear gate included (SPEC; nanochat leaves it out)
+        assert plan.flops_per_token == model.estimate_flops()
+
+
+def test_the_printed_learning_rates_are_the_optimizers():
+    plan = derive_plan(4, total_batch_size=4096, device_batch_size=8, max_seq_len=512, num_iterations=120,
+                       base_lrs={"matrix": 0.03})
+    optimizer = build_optimizer(plan, build_model(plan, torch.device("cpu")), world_size=1)
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == plan.lrs
 
 
 def test_schedules():
