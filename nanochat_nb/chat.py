@@ -49,7 +49,7 @@ PART_TYPE = {"text": "text", "python": "python", "output": "python_output"}  # P
 class StreamDecoder:
     """Turns an answer's token ids, one at a time, into `Piece`s of text. A character whose UTF-8 bytes are split
     over two tokens is held back until it is complete; the tool markers switch the kind and are not shown
-    themselves; the stop tokens end nothing here (the engine stops) and show nothing."""
+    themselves, nor are the stop tokens (the engine ends the answer there)."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.kind = tokenizer, "text"
@@ -462,7 +462,8 @@ class ChatWidget(widgets.VBox):
 
     def render(self):
         self.transcript.value = conversation_html(self.messages())
-        self.send_button.disabled, self.stop_button.disabled = self.busy, not self.busy
+        streaming = self._live is not None
+        self.send_button.disabled, self.stop_button.disabled = streaming, not streaming
 
     def send(self, text: str | None = None) -> bool:
         "Send `text` (default: the input box's) and stream the answer; False if an answer is running or text is empty."

@@ -12,10 +12,10 @@ import ipywidgets
 import pytest
 import torch
 
-from conftest import REPO, one_line_error, run_python
+from conftest import REPO, assert_user_error, run_python
 from nanochat_nb import checkpoint
 from nanochat_nb.chat import (ChatSession, ChatWidget, StreamDecoder, chat_widget, default_checkpoint_dir, default_mode,
-                              load_engine, pieces_to_parts)
+                              load_engine, main, pieces_to_parts)
 from nanochat_nb.common import UserError
 from nanochat_nb.engine import Engine
 from nanochat_nb.gpt import GPT, GPTConfig
@@ -149,11 +149,10 @@ def test_cli_answers_one_prompt(run_dir):
     assert len(answer) == 12 and set(answer) <= set(SPOKEN) and not done.stderr
 
 
-def test_cli_bad_input_is_one_line(run_dir, tmp_path):
-    message = one_line_error(run_python(*chat_args(tmp_path / "nothing_here", "-p", "hi")), "nanochat-chat")
-    assert "does not exist" in message
-    message = one_line_error(run_python(*chat_args(run_dir, "-p", "hi", "--temperature", "-1")), "nanochat-chat")
-    assert "must not be negative" in message
+def test_cli_bad_input_is_one_line(run_dir, tmp_path, capsys):
+    assert_user_error(capsys, "does not exist", main, chat_args(tmp_path / "nothing_here", "-p", "hi")[2:])
+    assert_user_error(capsys, "must not be negative", main, chat_args(run_dir, "-p", "hi", "--temperature", "-1")[2:])
+    assert_user_error(capsys, "--threads -2", main, chat_args(run_dir, "-p", "hi", "--threads", "-2")[2:])
 
 
 class Tmux:
@@ -161,11 +160,12 @@ class Tmux:
 
     def __init__(self, tmp_path, command: list[str], name="chat"):
         conf = tmp_path / "tmux.conf"
-        conf.write_text("set -g remain-on-exit on\nset -g history-limit 20000\n")  # keep the pane to read its exit code
+        conf.write_text("set -g remain-on-exit on\nset -g history-limit 20000\n")  # keep the pane to read its end
         self.base, self.name = ["tmux", "-L", f"nanochat-test-{os.getpid()}", "-f", str(conf)], name
         self.env = {k: v for k, v in os.environ.items() if k != "TMUX"}
-        self.tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "40", "-c", str(REPO),
-                  "exec " + shlex.join(command))
+        # bash waits for the program and prints its exit status (on Ctrl-C, bash waits on as long as the program does)
+        script = f'{shlex.join(command)}; echo "[exit status $?]"'
+        self.tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "40", "-c", str(REPO), shlex.join(["bash", "-c", script]))
 
     def tmux(self, *args) -> str:
         return subprocess.run([*self.base, *args], check=True, capture_output=True, text=True, env=self.env).stdout
@@ -179,11 +179,12 @@ class Tmux:
 
     def screen(self) -> str:
         "The screen and its scrollback, wrapped lines joined, trailing blank lines dropped."
-        return self.tmux("capture-pane", "-p", "-J", "-S", "-", "-t", self.name).rstrip("\n")
+        return self.tmux("capture-pane", "-p", "-J", "-S", "-", "-t", self.name).rstrip()
 
     def exit_status(self) -> int | None:
-        dead, status = self.tmux("display-message", "-p", "-t", self.name, "#{pane_dead} #{pane_dead_status}").split()
-        return int(status) if dead == "1" else None
+        "The program's exit status once it has ended, else None."
+        found = re.findall(r"^\[exit status (\d+)\]$", self.screen(), re.M)
+        return int(found[-1]) if found else None
 
     def wait_for(self, condition, what: str, timeout: float = 60.0):
         "Poll the screen until condition(screen) is true; fail with the screen if it never is."
@@ -219,7 +220,7 @@ def test_cli_in_a_real_terminal(run_dir, tmp_path):
         term.wait_for(lambda s: len(last_answer(s)) > shown + 20, "the answer to grow as it streams")
         term.press("C-c")
         screen = term.wait_for(lambda s: "(stopped)" in s and s.endswith("User:"), "the answer to stop")
-        answer = last_answer(screen).removesuffix(" (stopped)")
+        answer = last_answer(screen).removesuffix(" (stopped)").replace("^C", "")  # the terminal echoes Ctrl-C
         assert 40 <= len(answer) < 6000 and set(answer) <= set(SPOKEN)
         assert term.exit_status() is None and "Traceback" not in screen
 
@@ -228,7 +229,7 @@ def test_cli_in_a_real_terminal(run_dir, tmp_path):
         term.press("C-c")  # at the prompt: a hint, not the end
         term.wait_for(lambda s: "(Ctrl-C again or Ctrl-D to quit)" in s, "the hint after Ctrl-C at the prompt")
         term.type("/quit")
-        term.wait_for(lambda s: term.exit_status() is not None, "the program to end", timeout=30)
+        term.wait_for(lambda s: "[exit status" in s, "the program to end", timeout=30)
         assert term.exit_status() == 0 and "Traceback" not in term.screen()
     finally:
         term.close()
