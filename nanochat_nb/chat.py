@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import html
+import math
 import sys
 import threading
 import time
@@ -116,9 +117,9 @@ class ChatSession:
 
     def check_settings(self):
         "Refuse sampling settings the engine cannot use, in one sentence."
-        if self.temperature < 0 or (self.top_k or 0) < 0 or self.max_tokens < 1:
-            raise UserError(f"temperature ({self.temperature}) and top-k ({self.top_k}) must not be negative and "
-                            f"max tokens ({self.max_tokens}) must be at least 1.")
+        if not 0 <= self.temperature < math.inf or (self.top_k or 0) < 0 or self.max_tokens < 1:
+            raise UserError(f"temperature ({self.temperature}) and top-k ({self.top_k}) must not be negative (nor "
+                            f"infinite) and max tokens ({self.max_tokens}) must be at least 1.")
 
     def clear(self):
         "Forget the conversation."
@@ -268,7 +269,7 @@ def handle_command(session: ChatSession, line: str) -> str:
             value = float(arg) if name == "/temperature" else int(arg)
         except ValueError:
             value = -1
-        if value < 0:
+        if not 0 <= value < math.inf:
             return f"Usage: {name} {'X, a number >= 0' if name == '/temperature' else 'K, a whole number >= 0'}."
         if name == "/temperature":
             session.temperature = value
@@ -371,6 +372,11 @@ def main(argv=None):
               f"{engine.model.lm_head.weight.device}; temperature {session.temperature:g}, top-k {session.top_k}, "
               f"up to {session.max_tokens} tokens an answer.\n/help lists the commands; Ctrl-C stops an answer, "
               "Ctrl-D quits.", flush=True)
+        if sys.stdin.isatty():
+            try:
+                import readline  # noqa: F401 (gives input() line editing and history)
+            except ImportError:
+                pass
         chat_loop(session, echo=not sys.stdin.isatty())
 
 # %% ../nbs/09_chat.ipynb #e29f63e7
@@ -531,5 +537,5 @@ def chat_widget(engine: Engine, mode: str | None = None, temperature: float = 0.
     return ChatWidget(ChatSession(engine, mode, temperature, top_k, max_tokens, seed))
 
 # %% ../nbs/09_chat.ipynb #a8abc9a9
-if __name__ == "__main__" and "__file__" in globals():  # `python -m nanochat_nb.chat`, not the notebook
+if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import ipywidgets
 import pytest
@@ -153,6 +154,7 @@ def test_cli_bad_input_is_one_line(run_dir, tmp_path, capsys):
     assert_user_error(capsys, "does not exist", main, chat_args(tmp_path / "nothing_here", "-p", "hi")[2:])
     assert_user_error(capsys, "must not be negative", main, chat_args(run_dir, "-p", "hi", "--temperature", "-1")[2:])
     assert_user_error(capsys, "--threads -2", main, chat_args(run_dir, "-p", "hi", "--threads", "-2")[2:])
+    assert_user_error(capsys, "nor infinite", main, chat_args(run_dir, "-p", "hi", "--temperature", "nan")[2:])
 
 
 class Tmux:
@@ -166,6 +168,7 @@ class Tmux:
         # bash waits for the program and prints its exit status (on Ctrl-C, bash waits on as long as the program does)
         script = f'{shlex.join(command)}; echo "[exit status $?]"'
         self.tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "40", "-c", str(REPO), shlex.join(["bash", "-c", script]))
+        self.socket = self.tmux("display-message", "-p", "#{socket_path}").strip()
 
     def tmux(self, *args) -> str:
         return subprocess.run([*self.base, *args], check=True, capture_output=True, text=True, env=self.env).stdout
@@ -199,6 +202,8 @@ class Tmux:
 
     def close(self):
         subprocess.run([*self.base, "kill-server"], capture_output=True, env=self.env)
+        if self.socket:
+            Path(self.socket).unlink(missing_ok=True)
 
 
 def last_answer(screen: str) -> str:
@@ -211,6 +216,8 @@ def test_cli_in_a_real_terminal(run_dir, tmp_path):
     try:
         term.wait_for(lambda s: s.endswith("User:"), "the banner and the prompt")
         assert "chat mode" in term.screen()
+        term.type("/temperature nan")
+        term.wait_for(lambda s: "Usage: /temperature X, a number >= 0." in s and s.endswith("User:"), "a usage line")
         term.type("/temperature 0.5")
         term.wait_for(lambda s: "Temperature set to 0.5." in s and s.endswith("User:"), "/temperature's answer")
 
