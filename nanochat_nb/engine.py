@@ -95,12 +95,14 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
     "One token id per row of `logits` (R, V): greedy if temperature is 0, else from softmax(logits / T) over the top-k."
     if temperature == 0:
         return logits.argmax(dim=-1)
+    ids = None
     if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits.float() / temperature, dim=-1)
-    # one generator per row: a row draws the same numbers whichever batch it is in
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+        logits, ids = torch.topk(logits, top_k, dim=-1)  # the softmax and the draw then touch k values, not V
+    cumulative = F.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)
+    # one uniform number per row from that row's generator: a row draws the same whichever batch it is in
+    uniform = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators]).to(cumulative.device)
+    choice = torch.searchsorted(cumulative, uniform[:, None]).clamp_(max=cumulative.size(-1) - 1)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 # %% ../nbs/08_engine.ipynb #d539b664
 SAFE_FUNCTIONS = ("abs", "bool", "float", "int", "len", "max", "min", "round", "str", "sum")
@@ -310,7 +312,8 @@ class Engine:
             sample = [i for i, r in enumerate(rows) if not r.done and not r.prompt_tail and not r.forced]
             sampled = {}
             if sample:
-                chosen = sample_next(logits[sample], temperature, top_k, [generators[i] for i in sample])
+                rows_logits = logits if len(sample) == len(rows) else logits[sample]  # no copy when all sample
+                chosen = sample_next(rows_logits, temperature, top_k, [generators[i] for i in sample])
                 sampled = dict(zip(sample, chosen.tolist()))
             for i, row in enumerate(rows):
                 if row.done:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanochat_nb.common import UserError
-from nanochat_nb.engine import Calculator, Engine, RowCache, generate_uncached
+from nanochat_nb.engine import Calculator, Engine, RowCache, generate_uncached, sample_next
 from nanochat_nb.gpt import GPT, GPTConfig
 from nanochat_nb.tokenizer import Tokenizer
 
@@ -175,3 +175,17 @@ def test_bad_requests_raise_one_sentence(tokenizer, calculator, request_):
     with pytest.raises(UserError) as error:
         engine.stream(**request_)
     assert str(error.value).count(". ") == 0 and str(error.value).endswith(".")
+
+
+def test_sampling_follows_the_softmax_over_the_top_k():
+    "Frequencies of many draws match softmax(logits / T) restricted to the top k (within 5 standard errors)."
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 5.0]])
+    generator = torch.Generator().manual_seed(0)
+    for temperature, top_k in ((1.0, None), (0.5, 3), (2.0, 2)):
+        draws = torch.cat([sample_next(logits, temperature, top_k, [generator]) for _ in range(4000)])
+        kept = logits[0] if top_k is None else logits[0].masked_fill(logits[0] < logits[0].topk(top_k).values[-1],
+                                                                     float("-inf"))
+        expected = torch.softmax(kept / temperature, dim=-1)
+        observed = torch.bincount(draws, minlength=5).float() / len(draws)
+        tolerance = 5 * (expected * (1 - expected) / len(draws)).sqrt() + 1e-9
+        assert ((observed - expected).abs() <= tolerance).all(), (temperature, top_k, observed, expected)
