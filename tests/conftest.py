@@ -70,3 +70,20 @@ def assert_user_error(capsys, message, fn, *args):
     assert error.value.code == 2, err
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
     return err
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    "Tiny models decode fastest on one thread (on a busy machine, threads waiting for each other cost milliseconds)."
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    "A byte-level tokenizer (no merges): instant, with all the special tokens."
+    from nanochat_nb.tokenizer import Tokenizer
+    return Tokenizer({bytes([i]): i for i in range(256)})

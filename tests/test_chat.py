@@ -20,26 +20,18 @@ from nanochat_nb.chat import (ChatSession, ChatWidget, StreamDecoder, chat_widge
 from nanochat_nb.common import UserError
 from nanochat_nb.engine import Engine
 from nanochat_nb.gpt import GPT, GPTConfig
-from nanochat_nb.tokenizer import Tokenizer
 
 # The test model speaks only these letters: each pair (a, b) gets lm_head rows +30 e_k and -30 e_k, so whatever
 # the hidden state, some letter's logit is far above the stop tokens' (rows of zeros): answers never end early.
 SPOKEN = "etaoin srhldcumfpgwy"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Models this small decode fastest on one thread (and on a busy machine, threads waiting for each other cost ms)."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    "A byte-level tokenizer (no merges): instant, with all the special tokens."
-    return Tokenizer({bytes([i]): i for i in range(256)})
+def tokenizer(byte_tokenizer):
+    return byte_tokenizer
 
 
 def chatty_model(tokenizer, sequence_len=8192):

@@ -8,26 +8,18 @@ import torch
 from nanochat_nb.common import UserError
 from nanochat_nb.engine import Calculator, Engine, RowCache, generate_uncached, sample_next
 from nanochat_nb.gpt import GPT, GPTConfig
-from nanochat_nb.tokenizer import Tokenizer
 
 HOSTILE = ["import os", "open('/etc/passwd').read()", "__import__('os').system('true')", "().__class__.__bases__",
            "[i for i in iter(int, 1)]", "'a'*10**10", "9**9**9", "'abc'.encode('idna')", "(lambda: 1)()",
            "'{0.__class__}'.format(1)"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "Models this small decode fastest on one thread (and on a busy machine, threads waiting for each other cost ms)."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    "A byte-level tokenizer (no merges): instant, with all the special tokens."
-    return Tokenizer({bytes([i]): i for i in range(256)})
+def tokenizer(byte_tokenizer):
+    return byte_tokenizer
 
 
 @pytest.fixture(scope="module")

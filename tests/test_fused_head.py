@@ -9,13 +9,7 @@ from nanochat_nb.fused_head import (_softcap_ce_torch, native_softcap_ce, softca
                                     softcap_logits)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Small problems: one thread is fastest, and immune to OpenMP stalls on a shared, busy machine."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny problems: one thread is fastest
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -6,20 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat_nb import gpt as gpt_module
 from nanochat_nb import checkpoint
 from nanochat_nb.gpt import GPT, GPTConfig, KVCache, load_model_state, sdpa_attention, window_mask, window_sizes
 
 TINY = dict(vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "These models are tiny: one thread is fastest, and immune to OpenMP stalls on a shared, busy machine."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny problems: one thread is fastest
 
 
 def tiny_model(seed=0, **overrides) -> GPT:
