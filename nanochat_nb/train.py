@@ -508,9 +508,10 @@ class TrainingRun:
         self.lock = self.model = self.step_model = self.eval_model = self.optimizer = self.scaler = None
         self.batches = self.val_batches = self.logger = self.token_bytes = None
         self.peak_flops, self.resumed_at, self.first_step = float("nan"), None, 0
+        self.identity = None  # what its checkpoints record and a resume must match: set once by setup()
 
-    def identity(self) -> dict:
-        "What this run's checkpoints must match to be resumed: model, processes, tokenizer and data."
+    def _identity(self) -> dict:
+        "Model, processes, tokenizer and data of this run (hashed and listed once, not at every save)."
         return {"model_config": self.plan.model_config(), "world_size": self.dist.world_size,
                 "emulate_ranks": self.args.emulate_ranks,
                 "tokenizer": checkpoint.tokenizer_fingerprint(self.tokenizer),
@@ -522,6 +523,7 @@ class TrainingRun:
         self.lock = checkpoint.lock_run_folder(self.run_dir, self.dist.rank)
         check_run_folder(self.run_dir, self.resume, self.dist.is_main)
         checkpoint.keep_tokenizer_copy(self.run_dir, self.tokenizer, self.allow, self.dist.rank)
+        self.identity = self._identity()
         compiled = use_compile(args.compile, self.device, plan)
         self.model = build_model(plan, self.device, args.seed)
         self.optimizer = build_optimizer(plan, self.model, self.dist.world_size, compiled)
@@ -551,7 +553,7 @@ class TrainingRun:
                 print0(f"--resume-step {step}: the checkpoints after step {step} were moved to {aside}")
         barrier()
         model_state, optim_state, meta = checkpoint.load(self.run_dir, step, self.device, self.dist.rank)
-        identity = self.identity()
+        identity = self.identity
         checkpoint.check_identity(meta, identity, self.run_dir, self.allow)
         load_model_state(self.model, model_state)
         self.optimizer.load_state_dict(optim_state)
@@ -570,7 +572,7 @@ class TrainingRun:
         meta = {"val_bpb": state.val_bpb, "user_config": vars(self.args), "device_batch_size": plan.device_batch_size,
                 "max_seq_len": plan.max_seq_len, "total_batch_size": plan.total_batch_size, "plan": asdict(plan),
                 "loop_state": asdict(state), "batch_positions": all_gather_object(self.batches.state_dict()),
-                "rng_states": all_gather_object(checkpoint.rng_state()), **self.identity()}
+                "rng_states": all_gather_object(checkpoint.rng_state()), **self.identity}
         try:
             checkpoint.save(self.run_dir, state.step, self.model, self.optimizer.state_dict(), meta, self.dist.rank)
         except checkpoint.NonFiniteWeights as error:
