@@ -8,7 +8,7 @@ NANOCHAT_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export NANOCHAT_DATA
 export MPLBACKEND ?= Agg
 
-.PHONY: install test speedrun export clean-nbs book
+.PHONY: install test speedrun export clean-nbs book serve
 
 install: $(VENV)/.installed
 
@@ -45,3 +45,8 @@ book: install
 		MPLBACKEND=module://matplotlib_inline.backend_inline $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1200 $$nb || exit 1; \
 	done
 	$(VENV)/bin/nbdev-clean
+
+# Chat with a trained model in the browser (and through any OpenAI client): CHECKPOINT=<run folder> (default: the
+# newest chat model under NANOCHAT_HOME), PORT=8000.
+serve: install
+	$(VENV)/bin/nanochat-serve $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),) --port $(or $(PORT),8000)
