@@ -29,80 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from .common import UserError
-from .gpt import GPT
+from .gpt import GPT, KVCache, sample_next
 
 # %% auto #0
-__all__ = ['SAFE_FUNCTIONS', 'STRING_METHODS', 'SAFE_NODES', 'MAX_EXPRESSION_CHARS', 'RowCache', 'sample_next',
-           'expression_problem', 'Calculator', 'EngineError', 'Token', 'RowState', 'row_seed', 'Engine',
-           'generate_uncached']
-
-# %% ../nbs/08_engine.ipynb #4886d802
-class RowCache:
-    """Keys and values of every layer for `batch_size` rows, allocated once in the model's compute dtype.
-
-    A layer with a sliding window of w tokens keeps only its last w + 1 positions, in a ring buffer: decoding
-    never looks further back, and attention does not care in which order its keys are stored (their positions
-    are already rotated into them). A prefill may come at a smaller batch (one row per distinct prompt): its
-    keys are written into every row that shares the prompt, and its last embedding (for smear) is copied too."""
-
-    def __init__(self, model: GPT, batch_size: int, max_len: int):
-        c = model.config
-        device, dtype = model.lm_head.weight.device, model.compute_dtype
-        self.batch_size, self.max_len, self.pos = batch_size, max_len, 0
-        self.lengths = [min(max_len, window + 1) for window in model.window_sizes]
-        shape = lambda length: (batch_size, length, c.n_kv_head, c.head_dim)
-        self.k = [torch.empty(shape(n), device=device, dtype=dtype) for n in self.lengths]
-        self.v = [torch.empty(shape(n), device=device, dtype=dtype) for n in self.lengths]
-        self._prev = None
-
-    @property
-    def prev_embedding(self) -> torch.Tensor | None:
-        return self._prev
-
-    @prev_embedding.setter
-    def prev_embedding(self, x: torch.Tensor):
-        self._prev = x.repeat_interleave(self.batch_size // x.size(0), dim=0) if x.size(0) != self.batch_size else x
-
-    def _write(self, buffer: torch.Tensor, at, x: torch.Tensor):
-        "buffer[:, at] = x, where each of x's rows stands for batch_size / len(x) consecutive rows of the buffer."
-        buffer.unflatten(0, (x.size(0), -1))[:, :, at] = x.unsqueeze(1)
-
-    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Store this step's k, v (B, T, H, D) for `layer`; return the keys and values its queries attend to."
-        start, end, length = self.pos, self.pos + k.size(1), self.lengths[layer]
-        if end > self.max_len:
-            raise ValueError(f"RowCache is full: {end} positions needed, {self.max_len} allocated.")
-        if k.size(0) != self.batch_size and (start > 0 or self.batch_size % k.size(0)):
-            raise ValueError(f"Only a prefill may come at a batch ({k.size(0)}) that divides the cache's ({self.batch_size}).")
-        if start == 0:  # a prefill attends to its own keys; the cache keeps the last `length` of them, ring-ordered
-            shift = end % length if end > length else 0
-            self._write(self.k[layer], slice(0, min(end, length)), k[:, -length:].roll(shift, dims=1))
-            self._write(self.v[layer], slice(0, min(end, length)), v[:, -length:].roll(shift, dims=1))
-            return k, v
-        if end > length and k.size(1) > 1:
-            raise ValueError("RowCache takes several tokens at once only at the start or while no window has wrapped.")
-        at = slice(start, end) if end <= length else slice(start % length, start % length + 1)
-        self._write(self.k[layer], at, k)
-        self._write(self.v[layer], at, v)
-        return self.k[layer][:, :min(end, length)], self.v[layer][:, :min(end, length)]
-
-    def advance(self, n: int):
-        self.pos += n
-
-# %% ../nbs/08_engine.ipynb #2d0c4540
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
-                generators: list[torch.Generator]) -> torch.Tensor:
-    "One token id per row of `logits` (R, V): greedy if temperature is 0, else from softmax(logits / T) over the top-k."
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    ids = None
-    if top_k and top_k < logits.size(-1):
-        logits, ids = torch.topk(logits, top_k, dim=-1)  # the softmax and the draw then touch k values, not V
-    cumulative = F.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)
-    # one uniform number per row from that row's generator: a row draws the same whichever batch it is in
-    uniform = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators]).to(cumulative.device)
-    choice = torch.searchsorted(cumulative, uniform[:, None]).clamp_(max=cumulative.size(-1) - 1)
-    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
+__all__ = ['SAFE_FUNCTIONS', 'STRING_METHODS', 'SAFE_NODES', 'MAX_EXPRESSION_CHARS', 'expression_problem', 'Calculator',
+           'EngineError', 'Token', 'RowState', 'row_seed', 'Engine', 'generate_uncached']
 
 # %% ../nbs/08_engine.ipynb #d539b664
 SAFE_FUNCTIONS = ("abs", "bool", "float", "int", "len", "max", "min", "round", "str", "sum")
@@ -304,7 +235,7 @@ class Engine:
                          budget=min(max_tokens, context - len(p))) for p in prompts for _ in range(num_samples)]
         generators = [torch.Generator(device=device).manual_seed(row_seed(seed + j, p))
                       for p in prompts for j in range(num_samples)]
-        cache = RowCache(model, len(rows), max(len(p) + min(max_tokens, context - len(p)) for p in prompts))
+        cache = KVCache(model, len(rows), max(len(p) + min(max_tokens, context - len(p)) for p in prompts))
         # prefill the shared length once per distinct prompt; longer prompts feed their tail in the decoding steps
         ids = torch.tensor([p[:shared] for p in prompts], dtype=torch.long, device=device)
         logits = model(ids, kv_cache=cache)[:, -1].repeat_interleave(num_samples, dim=0)

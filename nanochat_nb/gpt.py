@@ -26,7 +26,7 @@ from .fused_head import softcap_cross_entropy, softcap_logits
 __all__ = ['ROTARY_BASE', 'VE_GATE_CHANNELS', 'QK_SCALE', 'SMEAR_CHANNELS', 'BACKOUT_INIT', 'PAD_VOCAB_TO', 'norm', 'Linear',
            'rotary_tables', 'apply_rotary', 'MLP', 'window_sizes', 'window_mask', 'block_window_mask',
            'block_window_attention', 'sdpa_attention', 'flash_attention_3', 'attention', 'has_value_embed',
-           'CausalSelfAttention', 'Block', 'GPTConfig', 'KVCache', 'smear', 'GPT', 'check_state_dict',
+           'CausalSelfAttention', 'Block', 'GPTConfig', 'KVCache', 'sample_next', 'smear', 'GPT', 'check_state_dict',
            'load_model_state']
 
 # %% ../nbs/04_gpt.ipynb #7b48d472
@@ -250,33 +250,74 @@ class GPTConfig:
 
 # %% ../nbs/04_gpt.ipynb #402d7b73
 class KVCache:
-    "Keys and values of every layer for up to `max_len` positions, plus the last embedding for smear."
+    """Keys and values of every layer for `batch_size` rows and up to `max_len` positions, allocated once in the
+    model's compute dtype; a windowed layer keeps its last window + 1 positions in a ring buffer. `pos` is the next
+    position; `prev_embedding` the last position's embedding (for smear)."""
 
-    def __init__(self, batch_size: int, max_len: int, n_layer: int, n_kv_head: int, head_dim: int,
-                 device=None, dtype: torch.dtype = torch.float32):
-        shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len, self.pos = max_len, 0
-        self.prev_embedding = None
-
-    @classmethod
-    def for_model(cls, model: GPT, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+    def __init__(self, model: GPT, batch_size: int = 1, max_len: int | None = None):
         c = model.config
-        return cls(batch_size, max_len or c.sequence_len, c.n_layer, c.n_kv_head, c.head_dim,
-                   device=model.lm_head.weight.device, dtype=model.compute_dtype)
+        device, dtype = model.lm_head.weight.device, model.compute_dtype
+        self.batch_size, self.max_len, self.pos = batch_size, max_len or c.sequence_len, 0
+        self.lengths = [min(self.max_len, window + 1) for window in model.window_sizes]
+        shape = lambda length: (batch_size, length, c.n_kv_head, c.head_dim)
+        self.k = [torch.empty(shape(n), device=device, dtype=dtype) for n in self.lengths]
+        self.v = [torch.empty(shape(n), device=device, dtype=dtype) for n in self.lengths]
+        self._prev = None
+
+    @property
+    def prev_embedding(self) -> torch.Tensor | None:
+        return self._prev
+
+    @prev_embedding.setter
+    def prev_embedding(self, x: torch.Tensor):
+        self._prev = x.repeat_interleave(self.batch_size // x.size(0), dim=0) if x.size(0) != self.batch_size else x
+
+    def _write(self, buffer: torch.Tensor, at, x: torch.Tensor):
+        "buffer[:, at] = x, where each of x's rows stands for batch_size / len(x) consecutive rows of the buffer."
+        buffer.unflatten(0, (x.size(0), -1))[:, :, at] = x.unsqueeze(1)
+
+    def _in_time_order(self, buffer: torch.Tensor, length: int) -> torch.Tensor:
+        "The cached positions max(0, pos - length) … pos - 1, oldest first."
+        return buffer[:, :self.pos] if self.pos <= length else buffer.roll(-(self.pos % length), dims=1)
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Write this step's k, v (B, T, H, D) for `layer`; return the layer's keys and values so far."
-        end = self.pos + k.size(1)
+        "Store this step's k, v (B, T, H, D) for `layer`; return the keys and values its queries attend to."
+        start, end, length = self.pos, self.pos + k.size(1), self.lengths[layer]
         if end > self.max_len:
             raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated; make a larger cache.")
-        self.k[layer, :, self.pos:end] = k
-        self.v[layer, :, self.pos:end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        if k.size(0) != self.batch_size and (start > 0 or self.batch_size % k.size(0)):
+            raise ValueError(f"Only a prefill may come at a batch ({k.size(0)}) that divides the cache's ({self.batch_size}).")
+        keys, values = self.k[layer], self.v[layer]
+        if k.size(1) == 1 and start > 0:  # decoding: one slot of the ring, attention over the ring as it is
+            at = start % length
+            self._write(keys, slice(at, at + 1), k)
+            self._write(values, slice(at, at + 1), v)
+            return keys[:, :min(end, length)], values[:, :min(end, length)]
+        if start > 0:  # a chunk: its queries attend over the cached past, in time order, and the chunk itself
+            k = torch.cat([self._in_time_order(keys, length), k], dim=1)
+            v = torch.cat([self._in_time_order(values, length), v], dim=1)
+        kept = min(end, length)
+        slots = torch.arange(end - kept, end, device=k.device) % length
+        self._write(keys, slots, k[:, -kept:])
+        self._write(values, slots, v[:, -kept:])
+        return k, v
 
     def advance(self, n: int):
         self.pos += n
+
+# %% ../nbs/04_gpt.ipynb #1a4f3522
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generators: list[torch.Generator]) -> torch.Tensor:
+    "One token id per row of `logits` (R, V): greedy if temperature is 0, else from softmax(logits / T) over the top-k."
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    ids = None
+    if top_k and top_k < logits.size(-1):
+        logits, ids = torch.topk(logits, top_k, dim=-1)  # the softmax and the draw then touch k values, not V
+    cumulative = F.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)
+    uniform = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators]).to(cumulative.device)
+    choice = torch.searchsorted(cumulative, uniform[:, None]).clamp_(max=cumulative.size(-1) - 1)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 # %% ../nbs/04_gpt.ipynb #ac4f11f1
 SMEAR_CHANNELS = 24
@@ -427,22 +468,16 @@ class GPT(nn.Module):
     @torch.inference_mode()
     def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  seed: int = 42) -> Iterator[int]:
-        "Sample up to `max_tokens` tokens after `tokens` (temperature 0 = greedy), one at a time, with a KV cache."
+        """Sample up to `max_tokens` tokens after `tokens` (temperature 0 = greedy), one at a time, with the KV cache.
+        The simplest sampler; the engine adds batches of rows, stop tokens, streaming and tools on the same parts."""
         if not tokens:
             raise ValueError("generate needs at least one prompt token (e.g. the <|bos|> id).")
         device = self.lm_head.weight.device
         generator = torch.Generator(device=device).manual_seed(seed)
-        cache = KVCache.for_model(self, batch_size=1, max_len=len(tokens) + max_tokens)
+        cache = KVCache(self, batch_size=1, max_len=len(tokens) + max_tokens)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
-            logits = self(ids, kv_cache=cache)[:, -1, :]
-            if temperature == 0:
-                ids = logits.argmax(dim=-1, keepdim=True)
-            else:
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                ids = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator)
+            ids = sample_next(self(ids, kv_cache=cache)[:, -1, :], temperature, top_k, [generator])[:, None]
             yield ids.item()
 
 # %% ../nbs/04_gpt.ipynb #0bd69681

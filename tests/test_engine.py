@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nanochat_nb.common import UserError
-from nanochat_nb.engine import Calculator, Engine, RowCache, generate_uncached, sample_next
-from nanochat_nb.gpt import GPT, GPTConfig
+from nanochat_nb.engine import Calculator, Engine, generate_uncached
+from nanochat_nb.gpt import GPT, GPTConfig, KVCache, sample_next
 
 HOSTILE = ["import os", "open('/etc/passwd').read()", "__import__('os').system('true')", "().__class__.__bases__",
            "[i for i in iter(int, 1)]", "'a'*10**10", "9**9**9", "'abc'.encode('idna')", "(lambda: 1)()",
@@ -60,6 +60,7 @@ def test_greedy_cache_equals_full_forwards(tokenizer, calculator, n_kv_head, win
         reference = generate_uncached(model, prompt, 16)
         assert got == reference[:len(got)], (length, got, reference)
         assert len(got) == 16 or got[-1] in engine.stop_ids
+        assert list(model.generate(prompt, 16, temperature=0))[:len(got)] == got  # the model's own loop agrees
 
 
 def test_parallel_samples_equal_separate_generations(tokenizer, calculator):
@@ -112,7 +113,7 @@ def test_cache_dtype_and_windows():
     model = GPT(GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=1, n_embd=32),
                 compute_dtype=torch.bfloat16)
     model.window_sizes = [7, 64]
-    cache = RowCache(model, batch_size=3, max_len=40)
+    cache = KVCache(model, batch_size=3, max_len=40)
     assert cache.lengths == [8, 40] and all(t.dtype == torch.bfloat16 for t in cache.k + cache.v)
     assert cache.k[0].shape == (3, 8, 1, 16)
 

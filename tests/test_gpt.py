@@ -40,7 +40,7 @@ def test_kv_cache_decode_matches_full_forward(window_pattern, sequence_len, prom
     with torch.no_grad():
         full = model(idx)
         for prompt_len in prompt_lens:
-            cache = KVCache.for_model(model, batch_size=2, max_len=total)
+            cache = KVCache(model, batch_size=2, max_len=total)
             steps = [model(idx[:, :prompt_len], kv_cache=cache)]
             steps += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(prompt_len, total)]
             torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=1e-4)
@@ -52,14 +52,14 @@ def test_kv_cache_with_tiny_windows_and_chunked_prefill():
     idx = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(idx)
-        cache = KVCache.for_model(model, max_len=40)
+        cache = KVCache(model, max_len=40)
         pieces = [model(idx[:, a:b], kv_cache=cache) for a, b in [(0, 5), (5, 6), (6, 20), (20, 21), (21, 40)]]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=2e-5, rtol=1e-4)
 
 
 def test_kv_cache_refuses_to_overflow():
     model = tiny_model()
-    cache = KVCache.for_model(model, max_len=8)
+    cache = KVCache(model, max_len=8)
     with pytest.raises(ValueError, match="KV cache is full"):
         model(torch.zeros(1, 9, dtype=torch.long), kv_cache=cache)
 
