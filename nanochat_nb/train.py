@@ -501,14 +501,33 @@ class TrainingRun:
         self.dist = init_distributed(args.device_type or None)
         self.device = self.dist.device
         self.dtype = compute_dtype(self.device.type)
-        self.plan = plan_from_args(args, self.tokenizer.vocab_size, self.dist.world_size)
-        self.run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.depth)
+        self.plan = self._make_plan()
+        self.run_dir = Path(args.run_dir) if args.run_dir else self._default_run_dir()
         self.state = LoopState()
         # made by setup(): `model` is what is saved, `step_model` and `eval_model` run it (compiled or not)
         self.lock = self.model = self.step_model = self.eval_model = self.optimizer = self.scaler = None
         self.batches = self.val_batches = self.logger = self.token_bytes = None
         self.peak_flops, self.resumed_at, self.first_step = float("nan"), None, 0
         self.identity = None  # what its checkpoints record and a resume must match: set once by setup()
+
+    # what a run of another kind (SFT) changes: its plan, folder, model, optimizer and data
+    def _make_plan(self) -> TrainPlan:
+        return plan_from_args(self.args, self.tokenizer.vocab_size, self.dist.world_size)
+
+    def _default_run_dir(self) -> Path:
+        return default_run_dir(self.args.depth)
+
+    def _build_model(self) -> GPT:
+        return build_model(self.plan, self.device, self.args.seed)
+
+    def _build_optimizer(self, compiled: bool) -> MuonAdamW:
+        return build_optimizer(self.plan, self.model, self.dist.world_size, compiled)
+
+    def _train_batches(self):
+        return train_batches(self.tokenizer, self.plan, self.device, self.dist, self.args.emulate_ranks)
+
+    def _validation_batches(self) -> list:
+        return read_validation_batches(self.tokenizer, self.plan, self.device, self.dist, self.args.eval_tokens)
 
     def _identity(self) -> dict:
         "Model, processes, tokenizer and data of this run (hashed and listed once, not at every save)."
@@ -525,9 +544,9 @@ class TrainingRun:
         checkpoint.keep_tokenizer_copy(self.run_dir, self.tokenizer, self.allow, self.dist.rank)
         self.identity = self._identity()
         compiled = use_compile(args.compile, self.device, plan)
-        self.model = build_model(plan, self.device, args.seed)
-        self.optimizer = build_optimizer(plan, self.model, self.dist.world_size, compiled)
-        self.batches = train_batches(self.tokenizer, plan, self.device, self.dist, args.emulate_ranks)
+        self.model = self._build_model()
+        self.optimizer = self._build_optimizer(compiled)
+        self.batches = self._train_batches()
         if self.resume:
             self.resumed_at = self._restore()
         self.step_model = self.eval_model = self.model
@@ -606,8 +625,7 @@ class Trainer(TrainingRun):
                 last = state.step == plan.num_iterations
                 if args.eval_every > 0 and (last or state.step % args.eval_every == 0):
                     self.evaluate(progress)
-                if args.sample_every > 0 and (last or (state.step > 0 and state.step % args.sample_every == 0)):
-                    self.sample(progress)
+                self.periodic(progress, last)
                 if state.step != self.resumed_at and (last or (args.save_every > 0 and state.step > 0
                                                                and state.step % args.save_every == 0)):
                     self.save()
@@ -623,6 +641,15 @@ class Trainer(TrainingRun):
             progress.close()
         return {"run_dir": str(self.run_dir), "step": state.step, "val_bpb": state.val_bpb,
                 "min_val_bpb": state.min_val_bpb, "train_seconds": state.train_seconds}
+
+    def due(self, every: int, last: bool) -> bool:
+        "Whether work done every `every` steps (-1: never) is due now: at its multiples after step 0, and at the end."
+        return every > 0 and (last or (self.state.step > 0 and self.state.step % every == 0))
+
+    def periodic(self, progress, last: bool):
+        "What runs between steps besides evaluating and saving: samples every `--sample-every` steps."
+        if self.due(self.args.sample_every, last):
+            self.sample(progress)
 
     def train_step(self, inputs, targets):
         "One optimizer step over `grad_accum_steps` micro-batches; returns the next batch and the step's metrics."
@@ -677,8 +704,7 @@ class Trainer(TrainingRun):
     def evaluate(self, progress=None):
         "Validation bits per byte on `eval_tokens` tokens; a non-finite value stops the run."
         plan, state = self.plan, self.state
-        batches = self.val_batches or read_validation_batches(self.tokenizer, plan, self.device, self.dist,
-                                                              self.args.eval_tokens)
+        batches = self.val_batches or self._validation_batches()
         if len(batches) * plan.device_batch_size * plan.max_seq_len * 16 <= VAL_CACHE_BYTES:
             self.val_batches = batches
         self.model.eval()
