@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import UserError
+from .fused_head import SOFTCAP
 from .gpt import GPT, KVCache, sample_next
 
 # %% auto #0
@@ -238,13 +239,13 @@ class Engine:
         cache = KVCache(model, len(rows), max(len(p) + min(max_tokens, context - len(p)) for p in prompts))
         # prefill the shared length once per distinct prompt; longer prompts feed their tail in the decoding steps
         ids = torch.tensor([p[:shared] for p in prompts], dtype=torch.long, device=device)
-        logits = model(ids, kv_cache=cache)[:, -1].repeat_interleave(num_samples, dim=0)
+        logits = model.next_logits(ids, cache).repeat_interleave(num_samples, dim=0)
         while True:
             sample = [i for i, r in enumerate(rows) if not r.done and not r.prompt_tail and not r.forced]
             sampled = {}
             if sample:
                 rows_logits = logits if len(sample) == len(rows) else logits[sample]  # no copy when all sample
-                chosen = sample_next(rows_logits, temperature, top_k, [generators[i] for i in sample])
+                chosen = sample_next(rows_logits, temperature, top_k, [generators[i] for i in sample], SOFTCAP)
                 sampled = dict(zip(sample, chosen.tolist()))
             for i, row in enumerate(rows):
                 if row.done:
@@ -261,7 +262,7 @@ class Engine:
             if all(r.done for r in rows):
                 return
             ids = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=device)
-            logits = model(ids, kv_cache=cache)[:, -1]
+            logits = model.next_logits(ids, cache)
 
     def generate_batch(self, prompt, num_samples: int = 1, **kwargs) -> tuple[list[list[int]], list[list[int]]]:
         "All rows at once: (token lists, masks with 1 = sampled, 0 = forced), each without its final stop token."

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .common import compute_dtype as default_compute_dtype
-from .fused_head import softcap_cross_entropy, softcap_logits
+from .fused_head import SOFTCAP, softcap_cross_entropy, softcap_logits
 
 # %% auto #0
 __all__ = ['ROTARY_BASE', 'VE_GATE_CHANNELS', 'QK_SCALE', 'SMEAR_CHANNELS', 'BACKOUT_INIT', 'PAD_VOCAB_TO', 'norm', 'Linear',
@@ -307,13 +307,16 @@ class KVCache:
 
 # %% ../nbs/04_gpt.ipynb #1a4f3522
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
-                generators: list[torch.Generator]) -> torch.Tensor:
-    "One token id per row of `logits` (R, V): greedy if temperature is 0, else from softmax(logits / T) over the top-k."
+                generators: list[torch.Generator], softcap: float | None = None) -> torch.Tensor:
+    """One token id per row of `logits` (R, V): greedy if temperature is 0, else from softmax(logits / T) over the
+    top-k. With `softcap`, the logits are the head's raw output, squashed here after the top-k (same order)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     ids = None
     if top_k and top_k < logits.size(-1):
         logits, ids = torch.topk(logits, top_k, dim=-1)  # the softmax and the draw then touch k values, not V
+    if softcap is not None:
+        logits = softcap_logits(logits, softcap)
     cumulative = F.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)
     uniform = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generators]).to(cumulative.device)
     choice = torch.searchsorted(cumulative, uniform[:, None]).clamp_(max=cumulative.size(-1) - 1)
@@ -398,6 +401,16 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 loss_reduction: str = "mean") -> torch.Tensor:
         "Logits (B, T, vocab) in fp32, or the loss against `targets` (-1 = ignore) if they are given."
+        x = self.hidden_states(idx, kv_cache)
+        if targets is None:
+            return softcap_logits(self.lm_head(x)[..., :self.config.vocab_size])
+        B, T = idx.shape
+        weight = self.lm_head.weight[:self.config.vocab_size]
+        loss = softcap_cross_entropy(x.reshape(B * T, -1), weight, targets.reshape(-1), reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        "The last layer's normalised output (B, T, n_embd): everything but the head."
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.pos
         if start + T > self.rotary_len:
@@ -419,12 +432,12 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         if x_backout is not None:
             x = x - self.backout_lambda.to(x.dtype) * x_backout
-        x = norm(x)
-        if targets is None:
-            return softcap_logits(self.lm_head(x)[..., :self.config.vocab_size])
-        weight = self.lm_head.weight[:self.config.vocab_size]
-        loss = softcap_cross_entropy(x.reshape(B * T, -1), weight, targets.reshape(-1), reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+        return norm(x)
+
+    def next_logits(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """fp32 logits (B, vocab) of the last position only, before the softcap: what a sampler needs (it squashes
+        just the top-k it keeps; tanh keeps their order). A prefill then runs the head on one position, not T."""
+        return self.lm_head(self.hidden_states(idx, kv_cache)[:, -1])[..., :self.config.vocab_size].float()
 
     def estimate_flops(self) -> float:
         "Training FLOPs per token: 6 x matmul weights (incl. lm_head) + attention over min(window, T) per layer."
@@ -477,7 +490,7 @@ class GPT(nn.Module):
         cache = KVCache(self, batch_size=1, max_len=len(tokens) + max_tokens)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         for _ in range(max_tokens):
-            ids = sample_next(self(ids, kv_cache=cache)[:, -1, :], temperature, top_k, [generator])[:, None]
+            ids = sample_next(self.next_logits(ids, cache), temperature, top_k, [generator], softcap=SOFTCAP)[:, None]
             yield ids.item()
 
 # %% ../nbs/04_gpt.ipynb #0bd69681

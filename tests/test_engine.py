@@ -7,6 +7,7 @@ import torch
 
 from nanochat_nb.common import UserError
 from nanochat_nb.engine import Calculator, Engine, generate_uncached
+from nanochat_nb.fused_head import softcap_logits
 from nanochat_nb.gpt import GPT, GPTConfig, KVCache, sample_next
 
 HOSTILE = ["import os", "open('/etc/passwd').read()", "__import__('os').system('true')", "().__class__.__bases__",
@@ -182,3 +183,15 @@ def test_sampling_follows_the_softmax_over_the_top_k():
         observed = torch.bincount(draws, minlength=5).float() / len(draws)
         tolerance = 5 * (expected * (1 - expected) / len(draws)).sqrt() + 1e-9
         assert ((observed - expected).abs() <= tolerance).all(), (temperature, top_k, observed, expected)
+
+
+def test_softcap_after_the_top_k_draws_the_same_tokens():
+    "Squashing only the k kept raw logits (what the engine does) draws what squashing all V logits first would."
+    raw = torch.randn(6, 500, generator=torch.Generator().manual_seed(3)) * 10
+    generators = lambda: [torch.Generator().manual_seed(row) for row in range(6)]
+    for temperature, top_k in ((1.0, 50), (0.7, None), (1.3, 5), (0.0, None)):
+        for _ in range(20):
+            late = sample_next(raw, temperature, top_k, generators(), softcap=15.0)
+            early = sample_next(softcap_logits(raw, 15.0), temperature, top_k, generators())
+            assert torch.equal(late, early), (temperature, top_k)
+            raw = raw.roll(7, dims=1)
