@@ -578,6 +578,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'nanochat_nb.tasks.Task.indices': ('tasks.html#task.indices', 'nanochat_nb/tasks.py'),
                                    'nanochat_nb.tasks.Task.name': ('tasks.html#task.name', 'nanochat_nb/tasks.py'),
                                    'nanochat_nb.tasks.Task.num_examples': ('tasks.html#task.num_examples', 'nanochat_nb/tasks.py'),
+                                   'nanochat_nb.tasks.TaskDataError': ('tasks.html#taskdataerror', 'nanochat_nb/tasks.py'),
                                    'nanochat_nb.tasks.TaskDataMissing': ('tasks.html#taskdatamissing', 'nanochat_nb/tasks.py'),
                                    'nanochat_nb.tasks.TaskMixture': ('tasks.html#taskmixture', 'nanochat_nb/tasks.py'),
                                    'nanochat_nb.tasks.TaskMixture.__init__': ('tasks.html#taskmixture.__init__', 'nanochat_nb/tasks.py'),
