@@ -37,14 +37,11 @@ speedrun: install
 	@mkdir -p outputs
 	MPLBACKEND=module://matplotlib_inline.backend_inline $(PY) -m papermill lessons/speedrun.ipynb outputs/speedrun_$(PRESET).ipynb -p preset $(PRESET) -k python3 --log-output
 
-# Execute every chapter in place on this machine (the small presets the tests use) so that it is committed with
-# what it printed and drew; then clean the metadata, keeping the outputs. The kernels get matplotlib's inline
-# backend (not the Agg exported above), so that plt.show() puts every figure into the notebook.
+# Execute chapters in place on this machine (the small presets the tests use) so that they are committed with what
+# they printed and drew, stamped with a hash of their code (tests/test_notebooks.py fails on a stale chapter).
+# NB=nbs/08_engine.ipynb executes just that one.
 book: install
-	for nb in nbs/*.ipynb; do \
-		MPLBACKEND=module://matplotlib_inline.backend_inline $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1200 $$nb || exit 1; \
-	done
-	$(VENV)/bin/nbdev-clean
+	$(PY) tools/book.py $(NB)
 
 # Chat with a trained model in the browser (and through any OpenAI client): CHECKPOINT=<run folder> (default: the
 # newest chat model under NANOCHAT_HOME), PORT=8000.
