@@ -34,12 +34,13 @@ import torch.distributed as dist
 import nanochat_nb
 
 # %% auto #0
-__all__ = ['PACKAGE_DIR', 'REPO_ROOT', 'DATA_LAYOUT', 'DTYPES', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'GPU_PEAK_BF16_FLOPS',
-           'nanochat_home', 'default_data_dir', 'data_dir', 'UserError', 'cli_errors', 'fsync_dir', 'atomic_write',
-           'settings_path', 'UnknownPresetError', 'preset_names', 'load_preset', 'PresetValueError',
-           'parse_args_with_preset', 'autodetect_device_type', 'compute_dtype', 'keep_freed_memory', 'DistInfo',
-           'dist_env', 'is_main_process', 'print0', 'init_distributed', 'cleanup_distributed', 'dist_ready',
-           'rank_world', 'barrier', 'all_gather_object', 'all_reduce_sum', 'all_reduce_mean', 'seed_everything',
+__all__ = ['PACKAGE_DIR', 'REPO_ROOT', 'DATA_LAYOUT', 'DTYPES', 'BF16_MIN_SPEEDUP', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD',
+           'GPU_PEAK_BF16_FLOPS', 'nanochat_home', 'default_data_dir', 'data_dir', 'UserError', 'cli_errors',
+           'fsync_dir', 'atomic_write', 'settings_path', 'UnknownPresetError', 'preset_names', 'load_preset',
+           'PresetValueError', 'parse_args_with_preset', 'autodetect_device_type', 'choose_cpu_dtype', 'matmul_seconds',
+           'measured_cpu_dtype', 'compute_dtype_choice', 'compute_dtype', 'keep_freed_memory', 'DistInfo', 'dist_env',
+           'is_main_process', 'print0', 'init_distributed', 'cleanup_distributed', 'dist_ready', 'rank_world',
+           'barrier', 'all_gather_object', 'all_reduce_sum', 'all_reduce_mean', 'seed_everything',
            'deterministic_kernels', 'RunLogger', 'read_log', 'gpu_peak_flops', 'measure_matmul_flops', 'cpu_name',
            'cpu_peak_flops', 'peak_flops', 'git_commit', 'hardware_summary', 'print_hardware_summary', 'stage_command',
            'run_module']
@@ -248,6 +249,7 @@ def parse_args_with_preset(parser: argparse.ArgumentParser, argv=None) -> argpar
 # %% ../nbs/00_common.ipynb #3e7e7433
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+BF16_MIN_SPEEDUP = 1.5  # bf16 halves the precision: worth it on a CPU only where its matmuls are clearly faster
 
 
 def autodetect_device_type() -> str:
@@ -259,17 +261,54 @@ def autodetect_device_type() -> str:
     return "cpu"
 
 
-def compute_dtype(device_type: str | None = None) -> torch.dtype:
-    "The dtype activations are computed in: `NANOCHAT_DTYPE`, else bf16 on CUDA SM>=80, else fp32."
+def choose_cpu_dtype(fp32_seconds: float, bf16_seconds: float,
+                     min_speedup: float = BF16_MIN_SPEEDUP) -> tuple[torch.dtype, str]:
+    "The rule: bf16 if the same matmul takes at least `min_speedup` times less time in bf16 than in fp32."
+    speedup = fp32_seconds / bf16_seconds
+    dtype = torch.bfloat16 if speedup >= min_speedup else torch.float32
+    return dtype, (f"bf16 matmuls run {speedup:.2f}x as fast as fp32 on this CPU "
+                   f"({'>=' if dtype == torch.bfloat16 else '<'} {min_speedup}x)")
+
+
+def matmul_seconds(dtype: torch.dtype, n: int = 256, budget: float = 0.05, max_tries: int = 20) -> float:
+    "Best time of an n x n matmul in `dtype` on the CPU: at least 2 tries, more while within `budget` seconds."
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    times = []
+    while len(times) < 2 or (sum(times) < budget and len(times) < max_tries):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@functools.cache
+def measured_cpu_dtype() -> tuple[torch.dtype, str]:
+    "`choose_cpu_dtype` on this CPU's own timings, measured once per process (a fraction of a second)."
+    return choose_cpu_dtype(matmul_seconds(torch.float32), matmul_seconds(torch.bfloat16))
+
+
+def compute_dtype_choice(device_type: str | None = None) -> tuple[torch.dtype, str]:
+    """The dtype activations are computed in, and why: `NANOCHAT_DTYPE` if set; bf16 on CUDA SM>=80; on a CPU,
+    bf16 where its matmuls measure >= 1.5x faster than fp32 (AMX, AVX-512 bf16), else fp32."""
     override = os.environ.get("NANOCHAT_DTYPE")
     if override:
         if override.lower() not in DTYPES:
             raise ValueError(f"NANOCHAT_DTYPE={override!r} is not a dtype: use one of {', '.join(DTYPES)}.")
-        return DTYPES[override.lower()]
+        return DTYPES[override.lower()], f"NANOCHAT_DTYPE={override}"
     device_type = device_type or autodetect_device_type()
-    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
-        return torch.bfloat16
-    return torch.float32
+    if device_type == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        fast = major >= 8
+        return (torch.bfloat16 if fast else torch.float32), f"CUDA SM {major}.{minor} {'has' if fast else 'lacks'} fast bf16"
+    if device_type == "cpu":
+        return measured_cpu_dtype()
+    return torch.float32, f"{device_type}: fp32"
+
+
+def compute_dtype(device_type: str | None = None) -> torch.dtype:
+    "The dtype activations are computed in (see `compute_dtype_choice`)."
+    return compute_dtype_choice(device_type)[0]
 
 # %% ../nbs/00_common.ipynb #94788747
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h

@@ -5,9 +5,11 @@ import ast
 import re
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
+import torch
 
 from conftest import REPO, one_line_error, run_python
 from nanochat_nb import common
@@ -173,3 +175,39 @@ def test_dependencies_are_what_the_package_imports():
     distributions = {re.match(r"[A-Za-z0-9_.-]+", spec)[0].lower() for spec in declared}
     module_of = {"pyyaml": "yaml"}  # distributions whose module has another name
     assert {module_of.get(name, name) for name in distributions} == third_party_imports()
+
+
+def test_dtype_override_wins_without_measuring(monkeypatch):
+    common.measured_cpu_dtype.cache_clear()
+    for name, dtype in [("fp32", torch.float32), ("bfloat16", torch.bfloat16), ("FP16", torch.float16)]:
+        monkeypatch.setenv("NANOCHAT_DTYPE", name)
+        assert common.compute_dtype_choice("cpu") == (dtype, f"NANOCHAT_DTYPE={name}")
+    assert common.measured_cpu_dtype.cache_info().misses == 0
+
+
+@pytest.mark.parametrize("fp32_s, bf16_s, expected", [(1.0, 0.2, torch.bfloat16), (1.5, 1.0, torch.bfloat16),
+                                                      (1.4, 1.0, torch.float32), (0.05, 1.0, torch.float32)])
+def test_cpu_dtype_rule(fp32_s, bf16_s, expected):
+    dtype, reason = common.choose_cpu_dtype(fp32_s, bf16_s)
+    assert dtype == expected
+    assert f"{fp32_s / bf16_s:.2f}x" in reason and ("1.5x" in reason)
+
+
+def test_cpu_dtype_measured_once_per_process(monkeypatch):
+    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+    calls = []
+    real = common.matmul_seconds
+    monkeypatch.setattr(common, "matmul_seconds", lambda dtype: calls.append(dtype) or real(dtype))
+    common.measured_cpu_dtype.cache_clear()
+    started = time.perf_counter()
+    first = common.compute_dtype_choice("cpu")
+    assert time.perf_counter() - started < 2.0  # "a fraction of a second"; generous on a loaded machine
+    assert common.compute_dtype_choice("cpu") == first and common.compute_dtype("cpu") == first[0]
+    assert calls == [torch.float32, torch.bfloat16]
+    assert first[0] in (torch.float32, torch.bfloat16) and "as fast as fp32 on this CPU" in first[1]
+    common.measured_cpu_dtype.cache_clear()
+
+
+def test_matmul_seconds_times_real_matmuls():
+    small, large = common.matmul_seconds(torch.float32, n=64), common.matmul_seconds(torch.float32, n=512)
+    assert 0 < small < large
