@@ -459,7 +459,7 @@ async def stream(job: Job, head: dict):
 # %% ../nbs/10_serve.ipynb #d8147a71
 PAGE = r"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>nanochat</title>
+<title>nanochat</title><link rel="icon" href="data:,">
 <style>
  body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;background:#f6f6f4;color:#222;display:flex;flex-direction:column;height:100vh}
  header{display:flex;flex-wrap:wrap;gap:14px;align-items:center;padding:8px 14px;background:#fff;border-bottom:1px solid #ddd;font-size:13px}
@@ -550,11 +550,11 @@ function setBusy(busy) {
   $("send").disabled = busy; $("stop").disabled = !busy;
 }
 
-function history() {  // the messages to send: a turn whose answer came out empty is left out
-  const out = [];
-  for (let i = 0; i < chat.messages.length - 1; i++) {
-    const m = chat.messages[i], next = chat.messages[i + 1];
-    if (m.role === "user" && next.role === "assistant" && !next.content.replace(/<\|[a-z_]+\|>/g, "").trim()) { i++; continue; }
+function history() {  // the messages before the answer being written; a turn whose answer came out empty is left out
+  const messages = chat.messages.slice(0, -1), out = [];
+  for (let i = 0; i < messages.length; i++) {
+    const m = messages[i], next = messages[i + 1];
+    if (m.role === "user" && next && !next.content.replace(/<\|[a-z_]+\|>/g, "").trim()) { i++; continue; }
     out.push({role: m.role, content: m.content});
   }
   return out;

@@ -19,8 +19,8 @@ from conftest import REPO, assert_user_error
 from nanochat_nb import checkpoint
 from nanochat_nb.engine import Engine
 from nanochat_nb.common import UserError
-from nanochat_nb.serve import AnswerText, ServerThread, assistant_parts, create_app, free_port, is_loopback,
-                               main
+from nanochat_nb.serve import (AnswerText, ServerThread, assistant_parts, create_app, free_port, is_loopback,
+                                main)
 from test_chat import chatty_model  # answers in letters and never stops early: long answers on demand
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -336,6 +336,13 @@ def test_page_in_a_real_browser(server):
         assert find(".user .content")[1].text == "And 12*9?"
         shots = REPO / "outputs"
         driver.save_screenshot(str(shots / "serve_page.png"))
+        driver.find_element(By.ID, "max-tokens").clear()
+        driver.find_element(By.ID, "max-tokens").send_keys("3000")
+        driver.find_element(By.ID, "input").send_keys("Go on and on\n")
+        wait_until(lambda: len(find(".assistant .content")) == 3 and len(find(".assistant .content")[2].text) > 0)
+        driver.find_element(By.ID, "stop").click()  # the page aborts the request; the server frees the worker
+        wait_until(lambda: idle() and find(".note")[-1].text == "(stopped)")
+        wait_until(lambda: httpx.get(server.url + "/stats").json()["workers_busy"] == 0, timeout=3)
         driver.find_element(By.ID, "clear").click()
         assert find(".message") == []
         driver.find_element(By.ID, "input").send_keys("/temperature 0\n")
