@@ -38,8 +38,8 @@ __all__ = ['HUB_ENDPOINT', 'BUILDERS', 'GSM8K_CALL', 'LETTERS', 'MMLU_SPLITS', '
            'TaskDataError', 'HubError', 'hub_url', 'fetch_hub_file', 'load_records', 'chat_data', 'RecordTask',
            'final_answer', 'same_answer', 'gsm8k_parts', 'GSM8K', 'render_choice', 'choice_conversation', 'ChoiceTask',
            'MMLU', 'ARC', 'run_program', 'extract_code', 'humaneval_program', 'HumanEval', 'two_turns', 'SmolTalk',
-           'IdentityConversations', 'DollyHH', 'AlpacaSeed', 'load_words', 'count_parts', 'SpellingBee', 'sft_mixture',
-           'sft_validation']
+           'IdentityConversations', 'DollyHH', 'AlpacaSeed', 'load_words', 'count_parts', 'SpellingBee',
+           'spread_evenly', 'sft_mixture', 'sft_validation']
 
 # %% ../nbs/11_tasks.ipynb #0ff3eaac
 class Task:
@@ -602,11 +602,12 @@ EVAL_TASKS = {  # the chat evaluation's tasks, by the names the CLI takes
 }
 
 
-def _capped(task: Task, n: int | None) -> Task:
-    "`task` cut to n items spread evenly over it (MMLU's files are sorted by subject: a plain prefix is one subject)."
+def spread_evenly(task: Task, n: int | None) -> Task:
+    """`task` (with a forward slice) cut, in place, to n items spread evenly over it: MMLU's rows are sorted by
+    subject, so its first n rows would be one subject."""
     if n is not None and len(task) > n:
-        task.step = len(task) // n
-        task.stop = task.step * n
+        kept = task.indices()[::len(task) // n][:n]
+        task.start, task.stop, task.step = kept.start, kept.stop, kept.step
     return task
 
 
@@ -615,15 +616,15 @@ def sft_mixture(max_per_task: int | None = None, gsm8k_epochs: int = 2, spelling
     """The default SFT mixture on the local data: GSM8K train (`gsm8k_epochs` times), MMLU dev, identity,
     Dolly/HH, the Alpaca seed tasks and `spelling` SpellingBee items; SmolTalk train from the hub if `smoltalk`.
     `max_per_task` caps each task (spread evenly), for small CPU runs."""
-    gsm8k = _capped(GSM8K("train"), max_per_task)
-    tasks = [gsm8k] * gsm8k_epochs + [_capped(task, max_per_task) for task in (
+    gsm8k = spread_evenly(GSM8K("train"), max_per_task)
+    tasks = [gsm8k] * gsm8k_epochs + [spread_evenly(task, max_per_task) for task in (
         MMLU("dev"), IdentityConversations(), DollyHH(), AlpacaSeed(), SpellingBee(spelling, "train"))]
     if smoltalk:
-        tasks.append(_capped(SmolTalk("train"), max_per_task))
+        tasks.append(spread_evenly(SmolTalk("train"), max_per_task))
     return TaskMixture(tasks, seed=seed)
 
 
 def sft_validation(max_per_task: int = 200, smoltalk: bool = False) -> TaskSequence:
     "A small validation set: GSM8K test, MMLU test, SpellingBee test (and SmolTalk test), each cut to `max_per_task`."
     tasks = [GSM8K("test"), MMLU("test"), SpellingBee(max_per_task, "test")] + ([SmolTalk("test")] if smoltalk else [])
-    return TaskSequence([_capped(task, max_per_task) for task in tasks])
+    return TaskSequence([spread_evenly(task, max_per_task) for task in tasks])
