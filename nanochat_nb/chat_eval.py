@@ -66,10 +66,15 @@ def generate_answers(engine: Engine, conversations: list[dict], max_tokens: int 
     context = engine.model.config.sequence_len
     keep = context - min(max_tokens, context // 4)  # a prompt too long for the context keeps its end
     prompts = [engine.tokenizer.render_for_completion(c)[-keep:] for c in conversations]
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        tokens, _ = engine.generate_batch(prompts[start:start + batch_size], max_tokens=max_tokens, temperature=0.0)
-        answers += [engine.tokenizer.decode(t) for t in tokens]
+    # similar lengths together: the engine prefills a batch's shortest prompt length at once and feeds the rest
+    # of the longer prompts a token per step
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        tokens, _ = engine.generate_batch([prompts[i] for i in batch], max_tokens=max_tokens, temperature=0.0)
+        for i, row in zip(batch, tokens):
+            answers[i] = engine.tokenizer.decode(row)
     return answers
 
 # %% ../nbs/12_chat_eval.ipynb #80ac2a88
