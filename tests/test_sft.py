@@ -189,16 +189,20 @@ def test_warm_start_loads_the_base_optimizer_state(base_run, tmp_path, conversat
         fresh.close()
 
 
+# 8 steps, checkpoints and validation every 4, a chat evaluation (1 item per task) at the end
+RUN_FLAGS = ["--num-steps", "8", "--save-every", "4", "--eval-every", "4", "--chat-eval-every", "8",
+             "--chat-eval-items", "1", "--chat-eval-tokens", "8"]
+
+
 def losses(run_dir) -> dict:
     return {r["step"]: r["loss"] for r in read_log(run_dir / "log.jsonl") if "loss" in r}
 
 
 @pytest.fixture(scope="module")
 def reference_sft(base_run, tmp_path_factory, conversations, validation):
-    "An uninterrupted SFT run of 8 steps, checkpoints every 4, validation every 4."
+    "An uninterrupted SFT run (RUN_FLAGS)."
     run_dir = tmp_path_factory.mktemp("sft") / "run"
-    summary = sft(sft_args(base_run, run_dir, "--num-steps", "8", "--save-every", "4", "--eval-every", "4"),
-                  conversations, validation)
+    summary = sft(sft_args(base_run, run_dir, *RUN_FLAGS), conversations, validation)
     return run_dir, summary
 
 
@@ -209,6 +213,9 @@ def test_sft_lowers_the_masked_loss(reference_sft, base_run):
     trained = losses(run_dir)
     assert sorted(trained) == list(range(1, 9)) and np.mean([trained[7], trained[8]]) < trained[1], trained
     assert checkpoint.steps(run_dir) == [4, 8] and (run_dir / "tokenizer").is_dir()
+    chat = [r for r in read_log(run_dir / "log.jsonl") if "chat_eval" in r]
+    assert [r["step"] for r in chat] == [8] and set(chat[0]["chat_eval"]) == set(tasks.EVAL_TASKS)
+    assert -1 <= chat[0]["chatcore"] <= 1
     meta = checkpoint.read_meta(run_dir, 8)
     assert meta["base"] == {"folder": str(base_run), "step": 8} and meta["plan"]["final_lr_frac"] == 0.0
 
@@ -223,7 +230,7 @@ def test_interrupted_sft_resumes_exactly(reference_sft, base_run, tmp_path, conv
             raise KeyboardInterrupt   # killed after step 6; the last checkpoint is step 4
         return out
     monkeypatch.setattr(SFTTrainer, "_record", record_then_stop)
-    flags = ["--num-steps", "8", "--save-every", "4", "--eval-every", "4"]
+    flags = RUN_FLAGS
     with pytest.raises(KeyboardInterrupt):
         sft(sft_args(base_run, tmp_path, *flags), conversations, validation)
     assert checkpoint.steps(tmp_path) == [4]
