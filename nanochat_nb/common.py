@@ -266,8 +266,8 @@ def choose_cpu_dtype(fp32_seconds: float, bf16_seconds: float,
     "The rule: bf16 if the same matmul takes at least `min_speedup` times less time in bf16 than in fp32."
     speedup = fp32_seconds / bf16_seconds
     dtype = torch.bfloat16 if speedup >= min_speedup else torch.float32
-    return dtype, (f"bf16 matmuls run {speedup:.2f}x as fast as fp32 on this CPU "
-                   f"({'>=' if dtype == torch.bfloat16 else '<'} {min_speedup}x)")
+    verdict = "at least" if dtype == torch.bfloat16 else "below"
+    return dtype, f"bf16 matmuls run {speedup:.2f}x as fast as fp32 on this CPU, {verdict} the {min_speedup}x bf16 needs"
 
 
 def matmul_seconds(dtype: torch.dtype, n: int = 256, budget: float = 0.05, max_tries: int = 20) -> float:

@@ -26,13 +26,14 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .common import (RunLogger, UserError, all_gather_object, all_reduce_mean, atomic_write, barrier,
-                                cleanup_distributed, cli_errors, compute_dtype, deterministic_kernels,
-                                init_distributed, nanochat_home, parse_args_with_preset, peak_flops, print0,
-                                seed_everything)
+from .common import (RunLogger, UserError, all_gather_object, all_reduce_mean, atomic_write,
+                                autodetect_device_type, barrier, cleanup_distributed, cli_errors,
+                                compute_dtype_choice, deterministic_kernels, init_distributed, nanochat_home,
+                                parse_args_with_preset, peak_flops, print0, seed_everything)
 from .core_eval import SAMPLE_PROMPTS, evaluate_bpb, greedy_samples
 from .dataloader import BestFitLoader
 from .dataset import list_shards
+from .fp8 import convert_to_fp8, require_fp8
 from .gpt import GPT, GPTConfig, load_model_state
 from .optim import BASE_LRS, MUON_WEIGHT_DECAY, MuonAdamW, optimizer_groups, setup_optimizer
 from .tokenizer import load_token_bytes, load_tokenizer
@@ -269,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the plan and the estimated time, then stop")
     run.add_argument("--device-type", default="", help="cuda, mps or cpu (default: the best available)")
     run.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the model")
+    run.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks' linear layers (Hopper GPUs only)")
     run.add_argument("--seed", type=int, default=42)
     run.add_argument("--emulate-ranks", type=int, default=1, help="read the data of N ranks in one process, to "
                      "reproduce an N-process run with N times the gradient accumulation")
@@ -500,7 +502,7 @@ class TrainingRun:
         self.tokenizer = load_tokenizer(args.tokenizer_dir)   # a missing tokenizer fails here, before any work
         self.dist = init_distributed(args.device_type or None)
         self.device = self.dist.device
-        self.dtype = compute_dtype(self.device.type)
+        self.dtype, self.dtype_reason = compute_dtype_choice(self.device.type)
         self.plan = self._make_plan()
         self.run_dir = Path(args.run_dir) if args.run_dir else self._default_run_dir()
         self.state = LoopState()
@@ -518,7 +520,8 @@ class TrainingRun:
         return default_run_dir(self.args.depth)
 
     def _build_model(self) -> GPT:
-        return build_model(self.plan, self.device, self.args.seed)
+        model = build_model(self.plan, self.device, self.args.seed)
+        return convert_to_fp8(model) if self.args.fp8 else model
 
     def _build_optimizer(self, compiled: bool) -> MuonAdamW:
         return build_optimizer(self.plan, self.model, self.dist.world_size, compiled)
@@ -778,8 +781,11 @@ def dry_run(run: TrainingRun) -> dict:
 # %% ../nbs/06_train.ipynb #a4469534
 def train(args: argparse.Namespace) -> dict:
     "Plan, then train (or with `--dry-run` only estimate); returns a summary of the run."
+    if args.fp8:
+        require_fp8(args.device_type or autodetect_device_type())
     trainer = Trainer(args)
-    print0(f"device {trainer.device} x {trainer.dist.world_size}, compute dtype {str(trainer.dtype).removeprefix('torch.')}")
+    print0(f"device {trainer.device} x {trainer.dist.world_size}, compute dtype "
+           f"{str(trainer.dtype).removeprefix('torch.')} ({trainer.dtype_reason}){', fp8 blocks' if args.fp8 else ''}")
     print0(describe_plan(trainer.plan))
     if args.dry_run:
         return dry_run(trainer)
