@@ -8,7 +8,7 @@ NANOCHAT_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export NANOCHAT_DATA
 export MPLBACKEND ?= Agg
 
-.PHONY: install test speedrun export clean-nbs book serve
+.PHONY: install test speedrun export clean-nbs book serve gpu-check
 
 install: $(VENV)/.installed
 
@@ -47,3 +47,17 @@ book: install
 # newest chat model under NANOCHAT_HOME), PORT=8000.
 serve: install
 	$(VENV)/bin/nanochat-serve $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),) --port $(or $(PORT),8000)
+
+# The GPU check (bench/gpu_check.py, about 8 minutes on one H100/H200): the CUDA-only tests, the training step at
+# the d12 and d24 shapes with MFU, a short gpu1-shaped run through the speedrun lesson; everything lands in OUT.
+# It runs under the machine's own python3 (no .venv, no network there): what that python lacks travels as wheels
+# in .gpu_wheels/, downloaded here first. OUT=<folder>, REFERENCE=<nanochat checkout>, DRY=1: the CPU dry run.
+GPU_WHEELS := rustbpe tqdm regex pyyaml papermill ipykernel ipywidgets
+gpu-check: .gpu_wheels/.complete
+	PYTHONPATH=. python3 bench/gpu_check.py --out $(or $(OUT),outputs/gpu_check) $(if $(REFERENCE),--reference $(REFERENCE),) $(if $(DRY),--dry-run,)
+
+.gpu_wheels/.complete:
+	python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu_wheels $(GPU_WHEELS)
+	du -sh .gpu_wheels
+	touch $@

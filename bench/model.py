@@ -15,9 +15,11 @@ ratio measured side by side, not an absolute figure.
 """
 import argparse
 import itertools
+import json
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -104,12 +106,12 @@ def main(argv=None):
     parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                         help="malloc keeps freed blocks (as in training); --no-keep-freed-memory: glibc's defaults")
     parser.add_argument("--reference", metavar="PATH", help="a nanochat checkout to time side by side")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures (one record per run) to this file")
     parser.add_argument("--depth", type=int, help=argparse.SUPPRESS)  # internal: one configuration
     parser.add_argument("--impl", default="ours", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--peak", type=float, default=0.0, help=argparse.SUPPRESS)  # internal: FLOP/s for MFU
     args = parser.parse_args(argv)
     if args.depth is not None:
-        import json
         print(json.dumps(run_one(args)))
         return
     from nanochat_nb.common import compute_dtype, measure_matmul_flops
@@ -125,7 +127,7 @@ def main(argv=None):
     print(f"{'impl':>9} {'depth':>5} {'dtype':>8} {'tok/s':>8} {'best':>8} {'step s':>7} {'GFLOP/s':>8} {'MFU':>6} "
           f"{'peak mem':>9} {'warm-up':>8}")
     impls = ["ours", "reference"] if args.reference else ["ours"]
-    failed = False
+    failed, rows = False, []
     for depth in args.depths:
         results = {}
         for impl in impls:
@@ -135,11 +137,14 @@ def main(argv=None):
                 failed = True
                 continue
             results[impl] = r
+            rows.append(r)
             print(f"{impl:>9} {depth:>5} {r['dtype']:>8} {r['tok_per_s']:>8.0f} {r['best_tok_per_s']:>8.0f} "
                   f"{r['step_s']:>7.3f} {r['gflops']:>8.1f} {r['mfu']:>6.1%} {r['peak_gb']:>6.2f}GiB "
                   f"{r['warmup_s']:>7.1f}s" + ("" if r["optimizer"] else "  (no optimizer step)"), flush=True)
         if len(results) == 2:
             print(f"{'':>9} d{depth}: ours / nanochat = {results['ours']['tok_per_s'] / results['reference']['tok_per_s']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine_line(args.device), "runs": rows}, indent=1))
     sys.exit(1 if failed else 0)
 
 
