@@ -20,7 +20,7 @@ import torch
 
 from .chat import load_engine
 from .common import UserError, all_reduce_sum, atomic_write, cli_errors, init_distributed, print0
-from .common import cleanup_distributed, rank_world
+from .common import cleanup_distributed, parse_args_with_preset, rank_world
 from .core_eval import centered_accuracy, core_metric, logits_at
 from .engine import Engine
 from .tasks import EVAL_TASKS, Task, spread_evenly
@@ -152,6 +152,7 @@ def format_results(results: dict[str, dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanochat-chat-eval", description="Evaluate a chat model on ARC, MMLU, "
                                      "GSM8K, HumanEval and spelling; print per-task accuracy and ChatCORE.")
+    parser.add_argument("--preset", help="take defaults from this section of settings.ini (tiny, cpu, gpu1, speedrun)")
     parser.add_argument("--checkpoint", help="run folder (default: the newest RL, else SFT, else base run)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the last)")
     parser.add_argument("--tasks", default="", help=f"comma-separated, from {','.join(EVAL_TASKS)} (default: all)")
@@ -199,7 +200,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 def main(argv=None) -> dict | None:
     "`nanochat-chat-eval`: evaluate a run folder's model; bad input exits 2 with one line."
     with cli_errors("nanochat-chat-eval"):
-        return evaluate_checkpoint(build_parser().parse_args(argv))
+        return evaluate_checkpoint(parse_args_with_preset(build_parser(), argv))
 
 # %% ../nbs/12_chat_eval.ipynb #0f2c320e
 if __name__ == "__main__":
