@@ -26,8 +26,8 @@ from .fused_head import SOFTCAP, softcap_cross_entropy, softcap_logits
 __all__ = ['ROTARY_BASE', 'VE_GATE_CHANNELS', 'QK_SCALE', 'SMEAR_CHANNELS', 'BACKOUT_INIT', 'PAD_VOCAB_TO', 'norm', 'Linear',
            'rotary_tables', 'apply_rotary', 'MLP', 'window_sizes', 'window_mask', 'block_window_mask',
            'block_window_attention', 'sdpa_attention', 'flash_attention_3', 'attention', 'has_value_embed',
-           'CausalSelfAttention', 'Block', 'GPTConfig', 'KVCache', 'sample_next', 'smear', 'GPT', 'check_state_dict',
-           'load_model_state']
+           'CausalSelfAttention', 'Block', 'GPTConfig', 'KVCache', 'sample_next', 'DecodingHead', 'smear', 'GPT',
+           'check_state_dict', 'load_model_state']
 
 # %% ../nbs/04_gpt.ipynb #7b48d472
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -322,6 +322,31 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
     choice = torch.searchsorted(cumulative, uniform[:, None]).clamp_(max=cumulative.size(-1) - 1)
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
+# %% ../nbs/04_gpt.ipynb #7185d7c0
+def _packed_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class DecodingHead:
+    "`x @ weight.T` for a few fp32 rows on a CPU, from copies of `weight` laid out for that (made lazily, kept fresh)."
+
+    def __init__(self):
+        self.layouts, self.key = {}, None
+
+    def _layout(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        if key != self.key:
+            self.layouts, self.key = {}, key
+        if name not in self.layouts:
+            w = weight.detach()
+            self.layouts[name] = w.t().contiguous() if name == "by_column" else torch.ops.mkldnn._reorder_linear_weight(w, 16)
+        return self.layouts[name]
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.size(0) == 1 or not _packed_linear_available():
+            return x @ self._layout(weight, "by_column")
+        return torch.ops.mkldnn._linear_pointwise(x, self._layout(weight, "packed"), None, "none", [], "")
+
 # %% ../nbs/04_gpt.ipynb #ac4f11f1
 SMEAR_CHANNELS = 24
 BACKOUT_INIT = 0.2
@@ -346,6 +371,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.compute_dtype = compute_dtype or default_compute_dtype()
+        self.decoding_head = DecodingHead()  # the head in layouts for sampling on a CPU (not part of the state)
         self.window_sizes = window_sizes(config.sequence_len, config.n_layer, config.window_pattern)
         self.padded_vocab = -(-config.vocab_size // PAD_VOCAB_TO) * PAD_VOCAB_TO
         kv_dim = config.n_kv_head * config.head_dim
@@ -437,7 +463,11 @@ class GPT(nn.Module):
     def next_logits(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """fp32 logits (B, vocab) of the last position only, before the softcap: what a sampler needs (it squashes
         just the top-k it keeps; tanh keeps their order). A prefill then runs the head on one position, not T."""
-        return self.lm_head(self.hidden_states(idx, kv_cache)[:, -1])[..., :self.config.vocab_size].float()
+        x = self.hidden_states(idx, kv_cache)[:, -1]
+        weight = self.lm_head.weight[:self.config.vocab_size]
+        if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled():
+            return self.decoding_head(x, weight)
+        return F.linear(x, weight.to(x.dtype)).float()
 
     def estimate_flops(self) -> float:
         "Training FLOPs per token: 6 x matmul weights (incl. lm_head) + attention over min(window, T) per layer."

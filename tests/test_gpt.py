@@ -266,3 +266,24 @@ def test_explicit_compute_dtype_without_autocast():
     loss = bf16(idx, targets=idx)
     loss.backward()
     assert bf16.lm_head.weight.grad.dtype == torch.float32
+
+
+def test_decoding_head_equals_the_head_and_follows_weight_updates():
+    "next_logits through the CPU decoding layouts gives the plain head's logits, for 1 or many rows, never stale."
+    model = tiny_model().eval()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.5)
+    idx = torch.randint(0, model.config.vocab_size, (16, 9))
+    plain = lambda rows: softcap_free_logits(model, idx[:rows])
+    with torch.no_grad():
+        for rows in (1, 3, 16):
+            torch.testing.assert_close(model.next_logits(idx[:rows]), plain(rows), atol=1e-5, rtol=1e-5)
+        model.lm_head.weight.mul_(-2)  # an in-place update, as an optimizer step makes
+        for rows in (1, 16):
+            torch.testing.assert_close(model.next_logits(idx[:rows]), plain(rows), atol=1e-5, rtol=1e-5)
+    logits = model.next_logits(idx[:2])  # with gradients on: the plain head, differentiable
+    logits.sum().backward()
+    assert model.lm_head.weight.grad is not None
+
+
+def softcap_free_logits(model, idx):
+    return torch.nn.functional.linear(model.hidden_states(idx)[:, -1], model.lm_head.weight)[:, :model.config.vocab_size]
