@@ -35,7 +35,8 @@ from .tokenizer import normalize_conversation
 __all__ = ['PART_TYPE', 'MODES', 'CHAT_TOKENS', 'CHECKPOINT_KINDS', 'HELP', 'BRACKETS', 'DIM', 'RESET', 'PART_STYLE',
            'PART_LABEL', 'PIECE_KIND', 'Piece', 'StreamDecoder', 'pieces_to_parts', 'has_chat_tokens', 'ChatSession',
            'default_checkpoint_dir', 'default_mode', 'load_engine', 'PieceWriter', 'handle_command', 'chat_loop',
-           'build_parser', 'main', 'conversation_html', 'conversation_text', 'ChatWidget', 'chat_widget']
+           'add_model_arguments', 'build_parser', 'main', 'conversation_html', 'conversation_text', 'ChatWidget',
+           'chat_widget']
 
 # %% ../nbs/09_chat.ipynb #57d203b4
 class Piece(NamedTuple):
@@ -324,10 +325,8 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input, out=None
         print(" (stopped)" if session.stopped else "", file=out, flush=True)
 
 # %% ../nbs/09_chat.ipynb #159de8a5
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanochat-chat", description="Chat with a model in the terminal (streamed "
-                                     "answers, /help for commands), or answer one prompt with -p.")
-    parser.add_argument("-p", "--prompt", help="answer this one prompt, print the answer and exit")
+def add_model_arguments(parser: argparse.ArgumentParser):
+    "The flags that pick the model to talk to (shared with nanochat-serve): run folder, step, tokenizer, mode."
     parser.add_argument("--checkpoint", help="run folder (default: the newest under <home>/chatrl_checkpoints, "
                         "chatsft_checkpoints, then base_checkpoints)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the last)")
@@ -336,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", default="auto", choices=["auto", "chat", "complete"], help="chat: turns in the chat "
                         "format; complete: continue plain text (a base model); auto: complete for a run folder under "
                         "base_checkpoints, else chat")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanochat-chat", description="Chat with a model in the terminal (streamed "
+                                     "answers, /help for commands), or answer one prompt with -p.")
+    parser.add_argument("-p", "--prompt", help="answer this one prompt, print the answer and exit")
+    add_model_arguments(parser)
     parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
     parser.add_argument("--top-k", type=int, default=50, help="sample from the K likeliest tokens (0: all)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the first answer (the n-th uses seed + n)")

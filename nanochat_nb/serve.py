@@ -35,7 +35,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from .chat import StreamDecoder, default_mode, has_chat_tokens, load_engine
+from .chat import StreamDecoder, add_model_arguments, default_mode, has_chat_tokens, load_engine
 from .checkpoint import parse_allowed
 from .common import UserError, cli_errors
 from .engine import Engine
@@ -823,14 +823,7 @@ def is_loopback(host: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanochat-serve", description="Serve a model over an OpenAI-compatible "
                                      "HTTP API (POST /v1/chat/completions) with a chat page at /.")
-    parser.add_argument("--checkpoint", help="run folder (default: the newest under <home>/chatrl_checkpoints, "
-                        "chatsft_checkpoints, then base_checkpoints)")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the last)")
-    parser.add_argument("--tokenizer-dir", help="tokenizer folder (default: the run's copy)")
-    parser.add_argument("--allow-mismatch", default="", help="accept a --tokenizer-dir other than the run's: tokenizer")
-    parser.add_argument("--mode", default="auto", choices=["auto", "chat", "complete"], help="chat: turns in the chat "
-                        "format; complete: continue the messages' text (a base model); auto: complete for a run "
-                        "folder under base_checkpoints, else chat")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=0, help="model replicas: one per GPU (default: all GPUs), "

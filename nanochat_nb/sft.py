@@ -30,7 +30,7 @@ from .engine import Engine
 from .gpt import load_model_state
 from .chat_eval import chatcore, run_chat_eval
 from .train import (ResumableBatches, Trainer, TrainPlan, _write, build_model, build_optimizer, derive_plan,
-                               describe_plan)
+                               add_runtime_arguments, describe_plan)
 
 # %% auto #0
 __all__ = ['PaddedBestFitPacker', 'EmptyMixture', 'rows_to_batch', 'SFTLoader', 'conversations_fingerprint', 'newest_run',
@@ -356,16 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--log-every", type=int, default=0, help="print a progress line every N steps (0: about 20 a run)")
     ev.add_argument("--run", help="run name: the folder <home>/chatsft_checkpoints/<run> (default: the base run's name)")
     ev.add_argument("--run-dir", help="checkpoint folder (overrides --run)")
-    run = p.add_argument_group("runtime")
-    run.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
-    run.add_argument("--resume-step", type=int, default=-1, help="continue from this step; later checkpoints are "
-                     "moved into a dated subfolder")
-    run.add_argument("--allow-mismatch", default="", help="accept another tokenizer and/or data on resume: "
-                     "'tokenizer', 'data' or 'tokenizer,data'")
-    run.add_argument("--dry-run", action="store_true", help="print the plan, then stop")
-    run.add_argument("--device-type", default="", help="cuda, mps or cpu (default: the best available)")
-    run.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the model")
-    run.add_argument("--seed", type=int, default=42, help="seed of the mixture's shuffle and the run")
+    add_runtime_arguments(p)
     return p
 
 

@@ -41,10 +41,10 @@ from .tokenizer import load_token_bytes, load_tokenizer
 # %% auto #0
 __all__ = ['REF_DEPTH', 'REF_BATCH', 'BATCH_EXPONENT', 'MOMENTUM_WARMUP_STEPS', 'VAL_CACHE_BYTES', 'CPU_COMPILE_MIN_STEPS',
            'ASSUMED_MFU', 'meta_model', 'PlanError', 'TrainPlan', 'auto_batch_size', 'derive_plan', 'build_parser',
-           'plan_from_args', 'describe_plan', 'ResumableBatches', 'TrainingDiverged', 'LoopState', 'default_run_dir',
-           'build_model', 'build_optimizer', 'set_schedules', 'use_compile', 'device_peak_flops', 'Progress',
-           'train_batches', 'read_validation_batches', 'check_run_folder', 'TrainingRun', 'Trainer',
-           'measure_step_seconds', 'dry_run', 'train', 'main']
+           'plan_from_args', 'describe_plan', 'add_runtime_arguments', 'ResumableBatches', 'TrainingDiverged',
+           'LoopState', 'default_run_dir', 'build_model', 'build_optimizer', 'set_schedules', 'use_compile',
+           'device_peak_flops', 'Progress', 'train_batches', 'read_validation_batches', 'check_run_folder',
+           'TrainingRun', 'Trainer', 'measure_step_seconds', 'dry_run', 'train', 'main']
 
 # %% ../nbs/06_train.ipynb #ddf8a1b0
 def meta_model(depth: int, vocab_size: int = 32768, max_seq_len: int = 2048, window_pattern: str = "SSSL",
@@ -261,17 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--log-every", type=int, default=0, help="print a progress line every N steps (0: about 20 a run)")
     ev.add_argument("--run-dir", help="checkpoint folder (default: <home>/base_checkpoints/d<depth>)")
     ev.add_argument("--tokenizer-dir", help="tokenizer folder (default: <home>/tokenizer)")
-    run = p.add_argument_group("runtime")
-    run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
-    run.add_argument("--resume-step", type=int, default=-1, help="continue from this step; the checkpoints after it "
-                     "are moved into a dated subfolder")
-    run.add_argument("--allow-mismatch", default="", help="resume although the checkpoint was trained with another "
-                     "tokenizer and/or other data: 'tokenizer', 'data' or 'tokenizer,data'")
-    run.add_argument("--dry-run", action="store_true", help="print the plan and the estimated time, then stop")
-    run.add_argument("--device-type", default="", help="cuda, mps or cpu (default: the best available)")
-    run.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the model")
+    run = add_runtime_arguments(p)
     run.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks' linear layers (Hopper GPUs only)")
-    run.add_argument("--seed", type=int, default=42)
     run.add_argument("--emulate-ranks", type=int, default=1, help="read the data of N ranks in one process, to "
                      "reproduce an N-process run with N times the gradient accumulation")
     return p
@@ -307,6 +298,21 @@ def describe_plan(plan: TrainPlan) -> str:
     ]
     lines += [f"{'peak lr' if i == 0 else '':13s}{name:<16s}{lr:.4g}" for i, (name, lr) in enumerate(plan.lrs.items())]
     return "\n".join(lines)
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser):
+    "The flags every training stage (base, SFT, RL) shares: resuming, device, compilation, seed; returns the group."
+    run = parser.add_argument_group("runtime")
+    run.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    run.add_argument("--resume-step", type=int, default=-1, help="continue from this step; the checkpoints after it "
+                     "are moved into a dated subfolder")
+    run.add_argument("--allow-mismatch", default="", help="resume although the checkpoint was trained with another "
+                     "tokenizer and/or other data: 'tokenizer', 'data' or 'tokenizer,data'")
+    run.add_argument("--dry-run", action="store_true", help="print the plan, then stop")
+    run.add_argument("--device-type", default="", help="cuda, mps or cpu (default: the best available)")
+    run.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the model")
+    run.add_argument("--seed", type=int, default=42, help="seed of the run (data order, sampling)")
+    return run
 
 # %% ../nbs/06_train.ipynb #460fc781
 class ResumableBatches:

@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# fp32 unless a run asks otherwise: on a CPU with fast bf16 (AMX) the dtype would otherwise be measured and change
+# which tolerances the exactness tests need; tests of the dtype choice unset it themselves.
 for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_UPDATE_DOWNLOAD_COUNTS": "0",
-                   "MPLBACKEND": "Agg"}.items():
+                   "MPLBACKEND": "Agg", "NANOCHAT_DTYPE": "fp32"}.items():
     os.environ.setdefault(key, value)
 if not os.environ.get("NANOCHAT_DATA") and (REPO.parent / "shared" / "data").is_dir():
     os.environ["NANOCHAT_DATA"] = str(REPO.parent / "shared" / "data")
@@ -87,3 +89,22 @@ def byte_tokenizer():
     "A byte-level tokenizer (no merges): instant, with all the special tokens."
     from nanochat_nb.tokenizer import Tokenizer
     return Tokenizer({bytes([i]): i for i in range(256)})
+
+
+# The chat test model speaks only these letters: each pair (a, b) gets lm_head rows +30 e_k and -30 e_k, so whatever
+# the hidden state, some letter's logit is far above the stop tokens' (rows of zeros): answers never end early.
+SPOKEN = "etaoin srhldcumfpgwy"
+
+
+def chatty_model(tokenizer, sequence_len=8192):
+    "A depth-2 GPT on a byte-level tokenizer that answers in the letters of SPOKEN and never stops early."
+    import torch
+    from nanochat_nb.gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2,
+                          n_kv_head=2, n_embd=64)).init_weights()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        for k, (a, b) in enumerate(zip(SPOKEN[:10], SPOKEN[10:])):
+            model.lm_head.weight[ord(a), k], model.lm_head.weight[ord(b), k] = 30.0, -30.0
+    return model.eval()

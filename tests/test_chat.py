@@ -13,18 +13,12 @@ import ipywidgets
 import pytest
 import torch
 
-from conftest import REPO, assert_user_error, run_python
+from conftest import REPO, SPOKEN, assert_user_error, chatty_model, run_python
 from nanochat_nb import checkpoint
 from nanochat_nb.chat import (ChatSession, ChatWidget, StreamDecoder, chat_widget, default_checkpoint_dir, default_mode,
                               load_engine, main, pieces_to_parts)
 from nanochat_nb.common import UserError
 from nanochat_nb.engine import Engine
-from nanochat_nb.gpt import GPT, GPTConfig
-
-# The test model speaks only these letters: each pair (a, b) gets lm_head rows +30 e_k and -30 e_k, so whatever
-# the hidden state, some letter's logit is far above the stop tokens' (rows of zeros): answers never end early.
-SPOKEN = "etaoin srhldcumfpgwy"
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,17 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tokenizer(byte_tokenizer):
     return byte_tokenizer
-
-
-def chatty_model(tokenizer, sequence_len=8192):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2,
-                          n_kv_head=2, n_embd=64)).init_weights()
-    with torch.no_grad():
-        model.lm_head.weight.zero_()
-        for k, (a, b) in enumerate(zip(SPOKEN[:10], SPOKEN[10:])):
-            model.lm_head.weight[ord(a), k], model.lm_head.weight[ord(b), k] = 30.0, -30.0
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,12 @@ import httpx
 import openai
 import pytest
 
-from conftest import REPO, assert_user_error
+from conftest import REPO, assert_user_error, chatty_model  # chatty: answers in letters, never stops early
 from nanochat_nb import checkpoint
 from nanochat_nb.engine import Engine
 from nanochat_nb.common import UserError
 from nanochat_nb.serve import (AnswerText, ServerThread, assistant_parts, create_app, free_port, is_loopback,
                                 main)
-from test_chat import chatty_model  # answers in letters and never stops early: long answers on demand
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
