@@ -14,12 +14,14 @@ printed to OUT/gpu_check.log:
 3. steps: bench/model.py at the d12 and d24 shapes (device batch 16, sequence 2048, compiled, with the
    optimizer): tok/s and MFU against the GPU's dense bf16 peak (common.GPU_PEAK_BF16_FLOPS), side by side with
    nanochat when --reference is given.
-4. training: a short gpu1-shaped run (d12, sequence 2048) through the speedrun lesson under papermill (when
-   papermill and ipykernel import), else through the stage commands; its home folder is OUT/home and the
-   executed lesson OUT/speedrun_gpu_check.ipynb. Pretraining shards come from NANOCHAT_DATA (no downloads).
+4. training: a short gpu1-shaped run (d12, sequence 2048; 100 base steps, 20 SFT steps, a small chat eval) through
+   the speedrun lesson under papermill (when papermill and ipykernel import), else through the stage commands;
+   its home folder is OUT/home and the executed lesson OUT/speedrun_gpu_check.ipynb. Pretraining shards come
+   from NANOCHAT_DATA (no downloads).
 
-`--dry-run` runs the same four parts on the CPU at tiny shapes (a minute), so that the check is known to work
-before a GPU is there; tests/test_gpu_check.py runs it.
+`--dry-run` runs the same four parts on the CPU at tiny shapes (a minute; the training through the stage commands,
+since tests/test_lessons.py runs the lesson itself), so that the check is known to work before a GPU is there;
+tests/test_gpu_check.py runs it.
 """
 import argparse
 import configparser
@@ -42,7 +44,8 @@ STEP_SHAPES = {False: ["--depths", "12", "24", "--batch", "16", "--seq", "2048",
 TRAINING = {  # the preset the short run starts from, and what it changes
     False: ("gpu1", {"max-chars": "20000000", "num-iterations": "100", "total-batch-size": "131072",
                      "eval-every": "50", "eval-tokens": "1048576", "sample-every": "-1", "save-every": "-1",
-                     "max-per-task": "16"}),
+                     "max-per-task": "16", "num-steps": "20", "task-cap": "2000", "chat-eval-every": "-1",
+                     "max-items": "32", "max-tokens": "128"}),
     True: ("tiny", {"vocab-size": "512", "max-chars": "200000", "depth": "2", "num-iterations": "4",
                     "eval-every": "2", "eval-tokens": "2048", "max-per-task": "1", "core-max-seq-len": "128"}),
 }
@@ -139,7 +142,8 @@ def check_settings(args) -> Path:
 def short_training(args, env: dict, log: Log) -> dict:
     "The speedrun lesson on the `gpu-check` preset under papermill if it imports, else the stage commands."
     env = {**env, "NANOCHAT_SETTINGS": str(check_settings(args)), "NANOCHAT_HOME": str(args.out / "home")}
-    lesson = log.run([sys.executable, "-c", "import papermill, ipykernel"], env, 60) == 0
+    # the dry run takes the stage commands: tests/test_lessons.py already runs the lesson itself at `tiny`
+    lesson = not args.dry_run and log.run([sys.executable, "-c", "import papermill, ipykernel"], env, 60) == 0
     if lesson:
         executed = args.out / "speedrun_gpu_check.ipynb"
         command = [[sys.executable, "-m", "papermill", "lessons/speedrun.ipynb", executed, "-p", "preset", PRESET,

@@ -13,6 +13,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -66,8 +67,9 @@ def main():
         print("\n".join(problems) or f"all {len(paths)} chapters have fresh outputs")
         sys.exit(1 if problems else 0)
     for path in paths:
-        print(f"executing {path.relative_to(REPO)}", flush=True)
+        start = time.perf_counter()
         execute(path)
+        print(f"executed {path.relative_to(REPO)} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
