@@ -21,7 +21,7 @@ import torch
 from .chat import load_engine
 from .common import UserError, all_reduce_sum, atomic_write, cli_errors, init_distributed, print0
 from .common import cleanup_distributed, parse_args_with_preset, rank_world
-from .core_eval import centered_accuracy, core_metric, logits_at
+from .core_eval import centered_accuracy, core_metric, length_batches, logits_at
 from .engine import Engine
 from .tasks import EVAL_TASKS, Task, spread_evenly
 
@@ -40,24 +40,26 @@ def letter_token_ids(tokenizer, letters: list[str]) -> list[int]:
 
 
 @torch.inference_mode()
-def choose_letters(model, tokenizer, conversations: list[dict], batch_size: int = 32) -> list[str]:
-    "For each letter-choice conversation, the allowed letter (`conversation['letters']`) with the highest logit."
+def choose_letters(model, tokenizer, conversations: list[dict], batch_size: int = 32,
+                   batch_tokens: int = 8192) -> list[str]:
+    """For each letter-choice conversation, the allowed letter (`conversation['letters']`) with the highest logit.
+    Questions of similar length go together, at most `batch_size` of them and `batch_tokens` padded tokens a batch
+    (so that one long question does not pad a whole batch to its length)."""
     prompts = [tokenizer.render_for_completion(c)[-model.config.sequence_len:] for c in conversations]
     device = model.lm_head.weight.device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     chosen = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        inputs = torch.full((len(batch), max(len(prompts[i]) for i in batch)), tokenizer.bos_id, dtype=torch.long)
-        for row, i in enumerate(batch):
-            inputs[row, :len(prompts[i])] = torch.tensor(prompts[i])
-        rows = torch.arange(len(batch), device=device)
-        last = torch.tensor([len(prompts[i]) - 1 for i in batch], device=device)
-        logits = logits_at(model, inputs.to(device), rows, last).cpu()
-        for row, i in enumerate(batch):
-            letters = conversations[i]["letters"]
-            scores = logits[row, letter_token_ids(tokenizer, letters)]
-            chosen[i] = letters[int(scores.argmax())]
+    for group in length_batches([len(p) for p in prompts], batch_tokens):
+        for start in range(0, len(group), batch_size):
+            batch = group[start:start + batch_size]
+            inputs = torch.full((len(batch), max(len(prompts[i]) for i in batch)), tokenizer.bos_id, dtype=torch.long)
+            for row, i in enumerate(batch):
+                inputs[row, :len(prompts[i])] = torch.tensor(prompts[i])
+            rows = torch.arange(len(batch), device=device)
+            last = torch.tensor([len(prompts[i]) - 1 for i in batch], device=device)
+            logits = logits_at(model, inputs.to(device), rows, last).cpu()
+            for row, i in enumerate(batch):
+                letters = conversations[i]["letters"]
+                chosen[i] = letters[int(logits[row, letter_token_ids(tokenizer, letters)].argmax())]
     return chosen
 
 # %% ../nbs/12_chat_eval.ipynb #a38eecf5

@@ -39,11 +39,11 @@ from .common import (
 __all__ = ['EVAL_BUNDLE_URL', 'BUNDLE_FILES', 'REQUIRED_FIELDS', 'SAMPLE_PROMPTS', 'EVALS', 'evaluate_bpb', 'CoreTask',
            'default_bundle_dir', 'check_bundle_dir', 'read_random_baselines', 'load_core_tasks', 'load_task_data',
            'shuffled_items', 'sample_fewshot', 'render_prompts', 'ScoredItem', 'common_prefix_length',
-           'common_suffix_length', 'scored_item', 'crop_left', 'verdict', 'logits_at', 'score_rows', 'evaluate_items',
-           'centered_accuracy', 'core_metric', 'read_reference_results', 'task_scored_items', 'evaluate_task',
-           'model_context_length', 'evaluate_core', 'format_core_table', 'plot_core', 'save_eval_result',
-           'download_eval_bundle', 'latest_checkpoint_dir', 'greedy_samples', 'result_stem', 'build_parser',
-           'validation_bpb', 'evaluate_checkpoint', 'main']
+           'common_suffix_length', 'scored_item', 'crop_left', 'verdict', 'logits_at', 'length_batches', 'score_rows',
+           'evaluate_items', 'centered_accuracy', 'core_metric', 'read_reference_results', 'task_scored_items',
+           'evaluate_task', 'model_context_length', 'evaluate_core', 'format_core_table', 'plot_core',
+           'save_eval_result', 'download_eval_bundle', 'latest_checkpoint_dir', 'greedy_samples', 'result_stem',
+           'build_parser', 'validation_bpb', 'evaluate_checkpoint', 'main']
 
 # %% ../nbs/07_eval.ipynb #4bf4b2ec
 @torch.no_grad()
@@ -257,7 +257,7 @@ def logits_at(model, inputs: torch.Tensor, rows: torch.Tensor, positions: torch.
     return model(inputs)[rows, positions].float()  # a model without a hookable head: all positions
 
 
-def _length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     "Row indices sorted by length and cut into batches of at most `batch_tokens` padded tokens."
     batches, current = [], []
     for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
@@ -274,7 +274,7 @@ def score_rows(model, rows: list[list[int]], starts: list[int], ends: list[int],
     "Per row: the mean cross-entropy over its span [start, end), and how many span tokens are the top prediction."
     device = next(model.parameters()).device
     mean_losses, greedy_hits = [0.0] * len(rows), [0] * len(rows)
-    for batch in _length_batches([len(row) for row in rows], batch_tokens):
+    for batch in length_batches([len(row) for row in rows], batch_tokens):
         width = max(len(rows[i]) for i in batch)
         inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)
         row_of, position_of, target_of = [], [], []
