@@ -36,7 +36,7 @@ def test_an_edited_but_unexported_notebook_is_caught(tmp_path):
     shutil.copytree(REPO / "nbs", edited / "nbs")
     shutil.copytree(REPO / "nanochat_nb", edited / "nanochat_nb", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", edited / "pyproject.toml")
-    notebook = edited / "nbs" / "00_common.ipynb"
+    notebook = edited / "nbs" / "90_common.ipynb"
     text = notebook.read_text()
     assert '"def seed_everything(seed: int):' in text
     notebook.write_text(text.replace('"def seed_everything(seed: int):', '"def seed_everything(seed: int = 0):', 1))
