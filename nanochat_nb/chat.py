@@ -25,7 +25,7 @@ from typing import Callable, Iterator, NamedTuple
 import ipywidgets as widgets
 import torch
 
-from .checkpoint import CheckpointError, latest, load_checkpoint_tokenizer, load_model, meta_file
+from .checkpoint import CheckpointError, load_checkpoint_tokenizer, load_model, newest_run
 from .checkpoint import parse_allowed
 from .common import UserError, autodetect_device_type, cli_errors, compute_dtype, nanochat_home
 from .engine import Engine
@@ -193,11 +193,8 @@ def default_checkpoint_dir(home: str | Path | None = None) -> Path:
     "The newest run folder of the most trained kind under `home` (default: `nanochat_home()`): RL, else SFT, else base."
     home = Path(home) if home else nanochat_home()
     for kind in CHECKPOINT_KINDS:
-        root = home / kind
-        runs = {f: latest(f) for f in root.iterdir() if f.is_dir()} if root.is_dir() else {}
-        runs = {f: step for f, step in runs.items() if step is not None}
-        if runs:
-            return max(runs, key=lambda f: (f / meta_file(runs[f])).stat().st_mtime)
+        if (folder := newest_run(home / kind)) is not None:
+            return folder
     raise CheckpointError(f"No checkpoint under {home} ({', '.join(CHECKPOINT_KINDS)}): train one with "
                           "nanochat-base-train, or pass --checkpoint DIR.")
 

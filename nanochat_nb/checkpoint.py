@@ -32,8 +32,8 @@ from .tokenizer import load_tokenizer, ranks_to_text
 # %% auto #0
 __all__ = ['LOCK_FILE', 'TOKENIZER_DIR', 'META_RE', 'ALLOWED_MISMATCHES', 'STEP_FILE_RE', 'model_file', 'optim_file', 'meta_file',
            'CheckpointError', 'CheckpointMismatch', 'NonFiniteWeights', 'save_tensors', 'file_digest',
-           'first_nonfinite', 'save', 'steps', 'latest', 'read_meta', 'load_tensors', 'resolve_step', 'load',
-           'config_from_meta', 'load_model', 'tokenizer_fingerprint', 'data_fingerprint', 'check_identity',
+           'first_nonfinite', 'save', 'steps', 'latest', 'newest_run', 'read_meta', 'load_tensors', 'resolve_step',
+           'load', 'config_from_meta', 'load_model', 'tokenizer_fingerprint', 'data_fingerprint', 'check_identity',
            'parse_allowed', 'keep_tokenizer_copy', 'checkpoint_tokenizer_dir', 'load_checkpoint_tokenizer', 'rng_state',
            'set_rng_state', 'RunFolderBusy', 'RunLock', 'lock_run_folder', 'set_aside_after']
 
@@ -168,6 +168,14 @@ def latest(folder: str | Path) -> int | None:
     "The last committed step in `folder`, or None."
     found = steps(folder)
     return found[-1] if found else None
+
+
+def newest_run(root: str | Path) -> Path | None:
+    "The run folder under `root` whose latest checkpoint was written last, or None if none has a checkpoint."
+    root = Path(root)
+    runs = {f: latest(f) for f in root.iterdir() if f.is_dir()} if root.is_dir() else {}
+    runs = {f: step for f, step in runs.items() if step is not None}
+    return max(runs, key=lambda f: (f / meta_file(runs[f])).stat().st_mtime) if runs else None
 
 
 def _recovery(folder: Path, step: int) -> str:

@@ -323,6 +323,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 # %% ../nbs/04_gpt.ipynb #7185d7c0
+@functools.cache
 def _packed_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 

@@ -29,11 +29,11 @@ from .dataloader import BestFitPacker
 from .engine import Engine
 from .gpt import load_model_state
 from .chat_eval import chatcore, run_chat_eval
-from .train import (ResumableBatches, Trainer, TrainPlan, _write, build_model, build_optimizer, derive_plan,
-                               add_runtime_arguments, describe_plan)
+from .train import (ResumableBatches, Trainer, TrainPlan, build_model, build_optimizer, derive_plan,
+                               add_runtime_arguments, describe_plan, progress_write)
 
 # %% auto #0
-__all__ = ['PaddedBestFitPacker', 'EmptyMixture', 'rows_to_batch', 'SFTLoader', 'conversations_fingerprint', 'newest_run',
+__all__ = ['PaddedBestFitPacker', 'EmptyMixture', 'rows_to_batch', 'SFTLoader', 'conversations_fingerprint', 'newest_base_run',
            'sft_plan', 'warm_start', 'epoch_steps', 'SFTTrainer', 'default_mixture', 'default_validation',
            'build_parser', 'sft', 'main']
 
@@ -157,14 +157,13 @@ def conversations_fingerprint(conversations) -> list[list]:
     return [[f"{type(conversations).__name__} {digest}", n]]
 
 
-def newest_run(root: Path) -> Path:
-    "The run folder under `root` whose latest checkpoint was written last."
-    runs = {f: checkpoint.latest(f) for f in root.iterdir() if f.is_dir()} if root.is_dir() else {}
-    runs = {f: step for f, step in runs.items() if step is not None}
-    if not runs:
+def newest_base_run(root: Path) -> Path:
+    "The base run folder under `root` whose latest checkpoint was written last."
+    folder = checkpoint.newest_run(root)
+    if folder is None:
         raise checkpoint.CheckpointError(f"No base model under {root}: train one with nanochat-base-train, "
                                          "or pass --base DIR.")
-    return max(runs, key=lambda f: (f / checkpoint.meta_file(runs[f])).stat().st_mtime)
+    return folder
 
 
 def sft_plan(base_plan: dict, num_steps: int, world_size: int, device_batch_size: int = -1,
@@ -206,7 +205,7 @@ class SFTTrainer(Trainer):
     with their loss masks, from the base run's weights and optimizer state, with the SFT schedule."""
 
     def __init__(self, args: argparse.Namespace, train_data=None, val_data=None):
-        self.base_dir = Path(args.base).expanduser() if args.base else newest_run(nanochat_home() / "base_checkpoints")
+        self.base_dir = Path(args.base).expanduser() if args.base else newest_base_run(nanochat_home() / "base_checkpoints")
         self.base_step = checkpoint.resolve_step(self.base_dir, args.base_step if args.base_step >= 0 else None)
         self.base_meta = checkpoint.read_meta(self.base_dir, self.base_step)
         if "plan" not in self.base_meta:
@@ -310,7 +309,7 @@ class SFTTrainer(Trainer):
         accuracies = {name: result["accuracy"] for name, result in results.items()}
         score = chatcore(accuracies)
         self.logger.log(self.state.step, chat_eval=accuracies, chatcore=score)
-        _write(progress, f"step {self.state.step:05d} | ChatCORE {score:.4f}")
+        progress_write(progress, f"step {self.state.step:05d} | ChatCORE {score:.4f}")
         return accuracies
 
 # %% ../nbs/13_sft.ipynb #5af88a9d

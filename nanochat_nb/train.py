@@ -43,8 +43,8 @@ __all__ = ['REF_DEPTH', 'REF_BATCH', 'BATCH_EXPONENT', 'MOMENTUM_WARMUP_STEPS', 
            'ASSUMED_MFU', 'meta_model', 'PlanError', 'TrainPlan', 'auto_batch_size', 'derive_plan', 'build_parser',
            'plan_from_args', 'describe_plan', 'add_runtime_arguments', 'ResumableBatches', 'TrainingDiverged',
            'LoopState', 'default_run_dir', 'build_model', 'build_optimizer', 'set_schedules', 'use_compile',
-           'device_peak_flops', 'Progress', 'train_batches', 'read_validation_batches', 'check_run_folder',
-           'TrainingRun', 'Trainer', 'measure_step_seconds', 'dry_run', 'train', 'main']
+           'device_peak_flops', 'progress_write', 'Progress', 'train_batches', 'read_validation_batches',
+           'check_run_folder', 'TrainingRun', 'Trainer', 'measure_step_seconds', 'dry_run', 'train', 'main']
 
 # %% ../nbs/06_train.ipynb #ddf8a1b0
 def meta_model(depth: int, vocab_size: int = 32768, max_seq_len: int = 2048, window_pattern: str = "SSSL",
@@ -426,7 +426,8 @@ def _synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def _write(progress, text: str):
+def progress_write(progress, text: str):
+    "A line under the progress bar when there is one (it keeps its place), else on rank 0's stdout."
     if progress is not None:
         progress.write(text)
     else:
@@ -727,7 +728,7 @@ class Trainer(TrainingRun):
         state.val_bpb, state.min_val_bpb = value, min(state.min_val_bpb, value)
         tokens = state.step * plan.total_batch_size
         self.logger.log(state.step, val_bpb=value, tokens=tokens, flops=plan.flops_per_token * tokens)
-        _write(progress, f"step {state.step:05d} | val_bpb {value:.4f}")
+        progress_write(progress, f"step {state.step:05d} | val_bpb {value:.4f}")
 
     def sample(self, progress=None):
         "Greedy continuations of the course's sample prompts (rank 0)."
@@ -737,7 +738,7 @@ class Trainer(TrainingRun):
         samples = dict(zip(SAMPLE_PROMPTS, greedy_samples(self.model, self.tokenizer)))
         self.model.train()
         for text in samples.values():
-            _write(progress, "  " + text.replace("\n", " "))
+            progress_write(progress, "  " + text.replace("\n", " "))
         self.logger.log(self.state.step, samples=samples)
 
 # %% ../nbs/06_train.ipynb #b471aad8
