@@ -30,12 +30,15 @@ clean-nbs: install
 
 # tests/test_export_sync.py checks that nbdev-clean and nbdev-export leave no diff (on a copy of the tree);
 # tests/test_notebooks.py executes every notebook; tests/test_lessons.py runs each lesson at preset `tiny`.
+# The suite spreads over one pytest worker per core (at most 4; tests/conftest.py keeps a file's tests together),
+# each worker's torch on its share of the cores so that workers do not fight over them.
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 test: install
-	$(PY) -m pytest tests
+	OMP_NUM_THREADS=$$(( $$(nproc) / $(TEST_WORKERS) )) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup tests
 
 speedrun: install
 	@mkdir -p outputs
-	MPLBACKEND=module://matplotlib_inline.backend_inline $(PY) -m papermill lessons/speedrun.ipynb outputs/speedrun_$(PRESET).ipynb -p preset $(PRESET) -k python3 --log-output
+	MPLBACKEND=module://matplotlib_inline.backend_inline $(PY) -m papermill lessons/speedrun.ipynb outputs/speedrun_$(PRESET).ipynb -p preset $(PRESET) -k python3 --cwd lessons --log-output
 
 # Execute chapters in place on this machine (the small presets the tests use) so that they are committed with what
 # they printed and drew, stamped with a hash of their code (tests/test_notebooks.py fails on a stale chapter).

@@ -15,6 +15,18 @@ if not os.environ.get("NANOCHAT_DATA") and (REPO.parent / "shared" / "data").is_
     os.environ["NANOCHAT_DATA"] = str(REPO.parent / "shared" / "data")
 
 
+# Under pytest-xdist (`make test` runs one worker per core, `--dist loadgroup`) a file's tests stay on one worker, so
+# its module fixtures (trained runs, servers) are built once; the chapter and lesson runs are independent and long,
+# so they spread over the workers one by one.
+SPREAD_ONE_BY_ONE = {"test_notebooks.py", "test_lessons.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name not in SPREAD_ONE_BY_ONE:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nanochat_home(tmp_path_factory):
     "Every test session writes to its own home folder, never to the user's cache."
