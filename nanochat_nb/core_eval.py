@@ -41,9 +41,10 @@ __all__ = ['EVAL_BUNDLE_URL', 'BUNDLE_FILES', 'REQUIRED_FIELDS', 'SAMPLE_PROMPTS
            'shuffled_items', 'sample_fewshot', 'render_prompts', 'ScoredItem', 'common_prefix_length',
            'common_suffix_length', 'scored_item', 'crop_left', 'verdict', 'logits_at', 'length_batches', 'score_rows',
            'evaluate_items', 'centered_accuracy', 'core_metric', 'read_reference_results', 'task_scored_items',
-           'evaluate_task', 'model_context_length', 'evaluate_core', 'format_core_table', 'plot_core',
-           'save_eval_result', 'download_eval_bundle', 'latest_checkpoint_dir', 'greedy_samples', 'result_stem',
-           'build_parser', 'validation_bpb', 'evaluate_checkpoint', 'main']
+           'evaluate_task', 'model_context_length', 'evaluate_core', 'task_items', 'centered_standard_error',
+           'core_standard_error', 'format_core_table', 'plot_core', 'save_eval_result', 'download_eval_bundle',
+           'latest_checkpoint_dir', 'greedy_samples', 'result_stem', 'build_parser', 'validation_bpb',
+           'evaluate_checkpoint', 'main']
 
 # %% ../nbs/07_eval.ipynb #4bf4b2ec
 @torch.no_grad()
@@ -370,7 +371,7 @@ def evaluate_task(model, tokenizer, task: CoreTask, max_per_task: int | None = N
     all_reduce_sum(correct, truncated)
     accuracy = correct.mean().item()
     return {"type": task.task_type, "accuracy": accuracy, "centered": centered_accuracy(accuracy, task.baseline),
-            "items": len(items), "truncated": int(truncated.item()), "seconds": time.perf_counter() - start,
+            "baseline": task.baseline, "items": len(items), "truncated": int(truncated.item()), "seconds": time.perf_counter() - start,
             "correct": [bool(c) for c in correct.tolist()]}
 
 # %% ../nbs/07_eval.ipynb #ff1c18b6
@@ -409,13 +410,41 @@ def evaluate_core(model, tokenizer, bundle_dir: str | Path | None = None, max_pe
             "max_per_task": max_per_task, "max_seq_len": max_seq_len, "seconds": time.perf_counter() - start}
 
 # %% ../nbs/07_eval.ipynb #b12e2409
+def task_items(r: dict) -> int | None:
+    "How many items a task's accuracy was measured on: `items`, or in older reports the length of `correct`."
+    if "items" in r:
+        return r["items"]
+    return len(r["correct"]) if "correct" in r else None
+
+
+def centered_standard_error(r: dict) -> float:
+    """Binomial standard error of a task's centered accuracy: sqrt(p(1-p)/n) for accuracy p over n items, divided
+    by 1 - baseline as the centering divides. NaN when the report does not say n."""
+    n, p = task_items(r), r["accuracy"]
+    if not n:
+        return math.nan
+    if "baseline" in r:
+        scale = 1.0 / (1.0 - r["baseline"])
+    else:  # older reports: 1 - centered = (1 - p) / (1 - baseline); at p = 1 the error is 0 anyway
+        scale = (1.0 - r["centered"]) / (1.0 - p) if p < 1 else 1.0
+    return math.sqrt(p * (1.0 - p) / n) * scale
+
+
+def core_standard_error(result: dict) -> float:
+    "Standard error of CORE, the mean of independent tasks: the root of the summed squared errors over K tasks."
+    errors = [centered_standard_error(r) for r in result["tasks"].values()]
+    return math.sqrt(sum(e * e for e in errors)) / len(errors) if errors else math.nan
+
+
 def format_core_table(result: dict) -> str:
     "The per-task table and the CORE line, as text."
-    lines = [f"{'task':34s} {'type':18s} {'accuracy':>9s} {'centered':>9s} {'items':>6s} {'seconds':>8s}"]
+    lines = [f"{'task':34s} {'type':18s} {'accuracy':>9s} {'centered':>9s} {'± s.e.':>7s} {'items':>6s} "
+             f"{'seconds':>8s}"]
     for label, r in result["tasks"].items():
-        lines.append(f"{label:34s} {r['type']:18s} {r['accuracy']:9.4f} {r['centered']:+9.4f} {r['items']:6d} "
-                     f"{r['seconds']:8.1f}")
-    lines.append(f"CORE {result['core']:.4f} over {result['tasks_used']} of {result['tasks_total']} tasks"
+        lines.append(f"{label:34s} {r['type']:18s} {r['accuracy']:9.4f} {r['centered']:+9.4f} "
+                     f"{centered_standard_error(r):7.4f} {task_items(r) or 0:6d} {r['seconds']:8.1f}")
+    lines.append(f"CORE {result['core']:.4f} ± {core_standard_error(result):.4f} over {result['tasks_used']} of "
+                 f"{result['tasks_total']} tasks"
                  + (f" (skipped, no data: {', '.join(result['skipped'])})" if result["skipped"] else "")
                  + f"; {result['truncated']} items cropped to {result['max_seq_len']} tokens; "
                  f"{result['seconds']:.1f}s")
@@ -424,27 +453,32 @@ def format_core_table(result: dict) -> str:
 
 def plot_core(result: dict, references: dict | None = None, names: tuple[str, ...] = ("gpt2",), title: str = "",
               ax=None):
-    "Bar chart of centered accuracy per task, with the reference models' values (e.g. GPT-2) beside ours."
+    """Bar chart of centered accuracy per task, each with the number of items scored and an error bar of one
+    binomial standard error, with the reference models' values (e.g. GPT-2) beside ours."""
     import matplotlib.pyplot as plt
     labels = list(result["tasks"])
-    series = [("ours", [result["tasks"][k]["centered"] for k in labels], result["core"])]
+    tasks = [result["tasks"][k] for k in labels]
+    series = [(f"ours (CORE {result['core']:.3f} ± {core_standard_error(result):.3f} on these tasks)",
+               [r["centered"] for r in tasks], [centered_standard_error(r) for r in tasks])]
     for name in names:
         ref = (references or {}).get(name)
         if ref:
-            series.append((name, [ref["tasks"].get(k, {}).get("centered", math.nan) for k in labels],
-                           core_metric([ref["tasks"][k]["centered"] for k in labels if k in ref["tasks"]])))
+            core = core_metric([ref["tasks"][k]["centered"] for k in labels if k in ref["tasks"]])
+            series.append((f"{name} (CORE {core:.3f} on these tasks)",
+                           [ref["tasks"].get(k, {}).get("centered", math.nan) for k in labels], None))
     if ax is None:
-        _, ax = plt.subplots(figsize=(10, 0.32 * len(labels) + 1.2))
+        _, ax = plt.subplots(figsize=(10, 0.32 * len(labels) + 1.6))
     height = 0.8 / len(series)
-    for s, (name, values, core) in enumerate(series):
-        ax.barh([i + s * height for i in range(len(labels))], values, height=height,
-                label=f"{name} (CORE {core:.3f} on these tasks)")
-    ax.set_yticks([i + height * (len(series) - 1) / 2 for i in range(len(labels))], labels)
+    for s, (legend, values, errors) in enumerate(series):
+        ax.barh([i + s * height for i in range(len(labels))], values, height=height, xerr=errors, capsize=2,
+                error_kw={"elinewidth": 0.8}, label=legend)
+    ticks = [f"{k} (n={task_items(r)})" if task_items(r) else k for k, r in zip(labels, tasks)]
+    ax.set_yticks([i + height * (len(series) - 1) / 2 for i in range(len(labels))], ticks)
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("centered accuracy (0 = random guessing, 1 = perfect)")
+    ax.set_xlabel("centered accuracy (0 = random guessing, 1 = perfect); bars: ± 1 binomial standard error")
     ax.set_title(title or f"CORE over {result['tasks_used']} of {result['tasks_total']} tasks")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=9)  # below: never over a bar
     return ax
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_nb.core_eval import (EVAL_BUNDLE_URL, centered_accuracy, core_metric, download_eval_bundle,
-                                   load_core_tasks, load_task_data, read_reference_results, render_prompts,
-                                   sample_fewshot, shuffled_items)
+from nanochat_nb.core_eval import (EVAL_BUNDLE_URL, centered_accuracy, centered_standard_error, core_metric,
+                                   core_standard_error, download_eval_bundle, format_core_table, load_core_tasks,
+                                   load_task_data, plot_core, read_reference_results, render_prompts,
+                                   sample_fewshot, shuffled_items, task_items)
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +152,53 @@ def test_centering_and_mean_worked_example():
     assert math.isclose(centered_accuracy(0.4, 0.5), -0.2)  # BoolQ-like: worse than chance
     assert math.isclose(core_metric({"arc_easy": 1 / 3, "jeopardy": 0.1, "boolq": -0.2}), (1 / 3 + 0.1 - 0.2) / 3)
 
+
+
+def known_result(with_counts: bool = True) -> dict:
+    "ARC-Easy at 50% of 100 items (chance 25%) and Jeopardy at 10% of 400 items (chance 0)."
+    tasks = {"arc_easy": {"type": "multiple_choice", "accuracy": 0.5, "centered": 1 / 3, "baseline": 0.25,
+                          "items": 100, "correct": [True, False] * 50, "seconds": 1.0, "truncated": 0},
+             "jeopardy": {"type": "language_modeling", "accuracy": 0.1, "centered": 0.1, "baseline": 0.0,
+                          "items": 400, "correct": [True] * 40 + [False] * 360, "seconds": 1.0, "truncated": 0}}
+    if not with_counts:  # a report written before items and baseline were recorded: only the verdicts say n
+        for r in tasks.values():
+            del r["items"], r["baseline"]
+    return {"core": core_metric({k: r["centered"] for k, r in tasks.items()}), "tasks": tasks, "tasks_used": 2,
+            "tasks_total": 22, "skipped": [], "truncated": 0, "max_per_task": None, "max_seq_len": 256,
+            "seconds": 2.0}
+
+
+@pytest.mark.parametrize("with_counts", [True, False])
+def test_error_bars_are_the_binomial_standard_error_of_the_centered_accuracy(with_counts):
+    import matplotlib.pyplot as plt
+    from matplotlib.container import BarContainer
+    result = known_result(with_counts)
+    arc, jeopardy = math.sqrt(0.5 * 0.5 / 100) / 0.75, math.sqrt(0.1 * 0.9 / 400)  # 0.0667 and 0.015
+    assert [task_items(r) for r in result["tasks"].values()] == [100, 400]
+    assert centered_standard_error(result["tasks"]["arc_easy"]) == pytest.approx(arc)
+    assert centered_standard_error(result["tasks"]["jeopardy"]) == pytest.approx(jeopardy)
+    assert core_standard_error(result) == pytest.approx(math.hypot(arc, jeopardy) / 2)
+    assert f"± {math.hypot(arc, jeopardy) / 2:.4f}" in format_core_table(result)
+
+    ax = plot_core(result)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["arc_easy (n=100)", "jeopardy (n=400)"]
+    ours = next(c for c in ax.containers if isinstance(c, BarContainer))  # the first series' bars
+    segments = ours.errorbar.lines[2][0].get_segments()  # one horizontal line per bar: centered ± error
+    for segment, centered, error in zip(segments, [1 / 3, 0.1], [arc, jeopardy]):
+        (low, _), (high, _) = segment
+        assert (low, high) == (pytest.approx(centered - error), pytest.approx(centered + error))
+    plt.close(ax.figure)
+
+
+def test_a_report_without_counts_still_plots():
+    import matplotlib.pyplot as plt
+    result = known_result()
+    for r in result["tasks"].values():
+        del r["items"], r["correct"]
+    assert math.isnan(centered_standard_error(result["tasks"]["arc_easy"]))
+    ax = plot_core(result)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["arc_easy", "jeopardy"]
+    plt.close(ax.figure)
 
 def test_gpt2_reference_core_recomputed_from_its_accuracies(bundle, tasks):
     refs = read_reference_results(bundle)
@@ -327,7 +375,7 @@ def test_crop_left_keeps_the_scored_end():
 # ---------------------------------------------------------------------------------------------------------------
 # CORE over the tasks that have data
 
-def test_missing_task_file_is_skipped_with_a_warning(tmp_path, bundle, small_model, tokenizer):
+def test_missing_task_file_is_skipped_with_a_warning(tmp_path, bundle, tasks, small_model, tokenizer):
     partial = tmp_path / "eval_bundle"
     for name in ["core.yaml", "eval_meta_data.csv", *[f"openai-community-gpt2{s}.csv" for s in ("", "-xl")]]:
         (partial / name).parent.mkdir(parents=True, exist_ok=True)
@@ -340,7 +388,8 @@ def test_missing_task_file_is_skipped_with_a_warning(tmp_path, bundle, small_mod
         result = evaluate_core(small_model, tokenizer, partial, max_per_task=4, verbose=False)
     assert (result["tasks_used"], result["tasks_total"], len(result["skipped"])) == (3, 22, 19)
     assert list(result["tasks"]) == ["copa", "winograd", "bigbench_operators"]
-    assert all(r["items"] == 4 for r in result["tasks"].values())
+    assert all(r["items"] == len(r["correct"]) == 4 for r in result["tasks"].values())  # the items scored
+    assert [r["baseline"] for r in result["tasks"].values()] == [tasks[k].baseline for k in result["tasks"]]
     assert result["core"] == pytest.approx(sum(r["centered"] for r in result["tasks"].values()) / 3)
     assert "over 3 of 22 tasks" in format_core_table(result)
 
