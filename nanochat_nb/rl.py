@@ -395,7 +395,8 @@ def describe_rl(trainer: RLTrainer) -> str:
         f"{a.num_samples} answers of at most {a.max_new_tokens} tokens (temperature {a.temperature}, top-k {a.top_k})",
         f"lr           the base run's x {a.init_lr_frac}, linear to 0: "
         + ", ".join(f"{name} {lr:.3g}" for name, lr in plan.lrs.items()),
-        f"evaluation   pass@1 and pass@{a.pass_k} on {a.rl_eval_examples} test questions every {a.rl_eval_every} steps"])
+        f"evaluation   pass@1 and pass@{a.pass_k} on {a.rl_eval_examples} test questions "
+        + (f"every {a.rl_eval_every} steps and at the end" if a.rl_eval_every > 0 else "never (--rl-eval-every -1)")])
 
 
 def rl(args: argparse.Namespace, train_task: Task | None = None, test_task: Task | None = None) -> dict:

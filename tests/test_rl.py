@@ -202,7 +202,7 @@ def history(run_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference_rl(sft_run, tmp_path_factory):
+def reference_rl(sft_run, tmp_path_factory, one_thread):
     run_dir = tmp_path_factory.mktemp("rl_ref") / "run"
     summary = rl(rl_args(sft_run, run_dir), AnswerHasDigit("train"), AnswerHasDigit("test"))
     return run_dir, summary
@@ -222,7 +222,7 @@ def test_rl_run_learns_from_contested_groups(reference_rl, sft_run):
     assert any(not torch.equal(rl_weights[k], sft_weights[k]) for k in sft_weights)
 
 
-def test_interrupted_rl_run_resumes_exactly(reference_rl, sft_run, tmp_path, monkeypatch):
+def test_interrupted_rl_run_resumes_exactly(reference_rl, sft_run, tmp_path, monkeypatch, one_thread):
     reference_dir, _ = reference_rl
     record = RLTrainer._record_step
 
@@ -243,7 +243,7 @@ def test_interrupted_rl_run_resumes_exactly(reference_rl, sft_run, tmp_path, mon
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
 
 
-def test_command_line_at_preset_tiny(sft_run, tmp_path, capsys):
+def test_command_line_at_preset_tiny(sft_run, tmp_path, capsys, one_thread):
     main(["--preset", "tiny", "--base", str(sft_run), "--run-dir", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert "done: step" in out and "pass@1" in out
