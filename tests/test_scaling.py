@@ -11,7 +11,7 @@ from nanochat_nb.scaling import (COLUMNS, CURVE_COLUMNS, Run, ScalingError, Swee
                                  synthetic_isoflop_rows)
 
 BUDGETS = [1e18, 3e18, 1e19, 3e19, 1e20]
-TOLERANCE = 0.03  # on the exponents, with loss noise 0.003 (the chapter measures a spread of ±0.004 at that noise)
+TOLERANCE = 0.03  # on the exponents, with loss noise 0.003 (over 20 noise draws the chapter measures a spread of ±0.001)
 
 
 @pytest.mark.parametrize("alpha,beta", [(0.34, 0.28), (0.3, 0.3), (0.25, 0.4)])
