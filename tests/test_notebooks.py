@@ -79,7 +79,7 @@ def test_roadmap_of_a_chapter():
 
 
 def is_table(text: str) -> bool:
-    "Three or more consecutive lines with the same number of ' | ' column separators (markdown or printed)."
+    "Three or more consecutive lines with the same number (one or more) of `|` column separators: markdown or printed."
     run, columns = 0, None
     for line in text.splitlines():
         count = line.strip().strip("|").count("|")
@@ -106,7 +106,7 @@ def shows_a_figure_or_table(nb) -> bool:
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.name for nb in NOTEBOOKS])
 def test_chapter_shows_a_figure_or_table(notebook):
     assert shows_a_figure_or_table(book.nbformat.read(notebook, as_version=4)), \
-        f"{notebook.name} shows no figure (image/png output) and no table (HTML output or a markdown table)"
+        f"{notebook.name} shows no figure (image/png output) and no table (HTML, printed or markdown)"
 
 
 def test_a_chapter_of_prose_and_prints_only_has_no_figure():
