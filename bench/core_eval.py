@@ -2,50 +2,88 @@
 bundle's tasks, a fixed number of items each, with a randomly initialised model (speed does not depend on the
 weights) and the benchmark tokenizer (bench/_util.py).
 
-    python bench/core_eval.py [--items 16] [--depth 4] [--seq-len 512] [--dtype fp32|bf16] [--one-at-a-time]
+    python bench/core_eval.py [--items 16] [--depth 4] [--seq-len 512] [--dtype fp32|bf16]
+    python bench/core_eval.py --reference ~/src/nanochat [--repeat 2]   # side by side with a nanochat checkout
 
-`--one-at-a-time` also times nanochat's way of scoring (one forward pass per item, every position through the
-lm_head) for comparison.
+`--reference PATH` loads the same weights into nanochat's GPT and times its `core_eval.evaluate_task` (one forward
+pass per item, every position through the lm_head) on the same items, alternating with ours, and prints the ratio
+and whether both scored every task the same.
 """
 import argparse
+import json
+import os
+import statistics
+import sys
 import time
 import warnings
 from collections import defaultdict
+from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 
 from _util import bench_tokenizer, machine_line, peak_memory_gb, timed
 from nanochat_nb.common import seed_everything
-from nanochat_nb.core_eval import (crop_left, evaluate_core, load_core_tasks, load_task_data, render_prompts,
-                                   sample_fewshot, scored_item, shuffled_items, verdict)
+from nanochat_nb.core_eval import evaluate_core, load_core_tasks, shuffled_items
 from nanochat_nb.gpt import GPT, GPTConfig
 
 
-@torch.no_grad()
-def one_at_a_time(model, tokenizer, max_per_task: int, max_seq_len: int) -> float:
-    "nanochat's way, for comparison: one forward pass per item (its rows as a batch), logits at every position."
-    start = time.perf_counter()
+class ReferenceTokenizer:
+    "Our tokenizer with the two calls nanochat's evaluator makes."
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts, prepend=None):
+        return self.tokenizer.encode(texts, prepend=prepend)
+
+    def get_bos_token_id(self):
+        return self.tokenizer.bos_id
+
+
+def reference_model(path: str, model: GPT, dtype: torch.dtype, max_seq_len: int):
+    "nanochat's GPT holding our model's weights (a strict load), cropping items as ours does."
+    os.environ["NANOCHAT_DTYPE"] = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]  # read at import
+    sys.path.insert(0, os.path.expanduser(path))
+    from nanochat.gpt import GPT as ReferenceGPT, GPTConfig as ReferenceConfig
+    with torch.device("meta"):
+        reference = ReferenceGPT(ReferenceConfig(**asdict(model.config)))
+    reference.to_empty(device="cpu")
+    reference.init_weights()  # its rotary tables (buffers, not in the state dict)
+    reference.load_state_dict(model.state_dict(), strict=True)
+    reference.max_seq_len = max_seq_len  # nanochat crops an item to the left when its model has this attribute
+    return reference.eval()
+
+
+def reference_core(reference, tokenizer, max_per_task: int) -> dict:
+    "nanochat's evaluate_task on the same tasks and items as ours: {label: accuracy}."
+    from nanochat.core_eval import evaluate_task
+    accuracies = {}
     for task in load_core_tasks():
         if not task.available:
             continue
-        items = shuffled_items(load_task_data(task.path, task.task_type), max_per_task)
-        for idx, item in enumerate(items):
-            prompts = render_prompts(task.task_type, item, sample_fewshot(items, idx, task.num_fewshot), task.delimiter)
-            rows = tokenizer.encode(prompts, prepend=tokenizer.bos_id)
-            scored = crop_left(scored_item(task.task_type, rows, item.get("gold")), max_seq_len)
-            width = max(map(len, scored.rows))
-            inputs = torch.full((len(scored.rows), width), tokenizer.bos_id, dtype=torch.long)
-            for b, row in enumerate(scored.rows):
-                inputs[b, :len(row)] = torch.tensor(row)
-            logits = model(inputs)
-            losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), inputs[:, 1:].reshape(-1),
-                                     reduction="none").view(len(scored.rows), -1)
-            spans = list(zip(scored.starts, scored.ends))
-            means = [losses[b, s - 1:e - 1].mean().item() for b, (s, e) in enumerate(spans)]
-            hits = [int((logits[b, s - 1:e - 1].argmax(-1) == inputs[b, s:e]).sum()) for b, (s, e) in enumerate(spans)]
-            verdict(scored, means, hits)
-    return time.perf_counter() - start
+        with open(task.path, encoding="utf-8") as f:
+            data = shuffled_items([json.loads(line) for line in f if line.strip()], max_per_task)
+        meta = {"task_type": task.task_type, "num_fewshot": task.num_fewshot,
+                "continuation_delimiter": task.delimiter}
+        accuracies[task.label] = evaluate_task(reference, ReferenceTokenizer(tokenizer), data, "cpu", meta)
+    return accuracies
+
+
+def side_by_side(args, model, tokenizer, dtype):
+    "Ours and nanochat's evaluator, alternating `args.repeat` times; medians, ratio, agreement of the accuracies."
+    reference = reference_model(args.reference, model, dtype, args.seq_len)
+    times = defaultdict(list)
+    for _ in range(args.repeat):
+        seconds, ours = timed(lambda: evaluate_core(model, tokenizer, max_per_task=args.items,
+                                                    batch_tokens=args.batch_tokens, verbose=False))
+        times["ours"].append(seconds)
+        seconds, theirs = timed(lambda: reference_core(reference, tokenizer, args.items))
+        times["reference"].append(seconds)
+    ours_s, theirs_s = statistics.median(times["ours"]), statistics.median(times["reference"])
+    differ = [label for label, accuracy in theirs.items() if abs(ours["tasks"][label]["accuracy"] - accuracy) > 1e-9]
+    print(f"side by side, median of {args.repeat}: ours {ours_s:.1f} s, nanochat {theirs_s:.1f} s: "
+          f"ours is {theirs_s / ours_s:.2f}x the reference")
+    print("accuracies: " + (f"differ on {', '.join(differ)} (ties or rounding in near-equal losses)" if differ
+                            else f"identical on all {len(theirs)} tasks"))
 
 
 def main():
@@ -55,8 +93,13 @@ def main():
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-tokens", type=int, default=16384)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype of the model")
-    parser.add_argument("--one-at-a-time", action="store_true", help="also time the one-item-at-a-time evaluator")
+    parser.add_argument("--reference", metavar="PATH", help="a nanochat checkout to time side by side")
+    parser.add_argument("--repeat", type=int, default=2, help="alternating rounds with --reference")
     args = parser.parse_args()
+    fewshot = max(task.num_fewshot for task in load_core_tasks())
+    if args.reference and args.items <= fewshot:
+        parser.error(f"--reference needs --items above {fewshot}: nanochat draws each item's {fewshot} few-shot "
+                     "examples from the other items of the task.")
 
     tokenizer = bench_tokenizer()
     seed_everything(0)
@@ -81,9 +124,8 @@ def main():
     for task_type, (items, seconds) in sorted(per_type.items()):
         print(f"  {task_type:18s} {items:4d} items {seconds:6.1f} s  {items / seconds:6.1f} items/s")
     print(f"CORE eval total: {total:.1f} s   peak RSS: {peak_memory_gb():.2f} GiB")
-    if args.one_at_a_time:
-        print(f"one item at a time, all positions through lm_head: "
-              f"{one_at_a_time(model, tokenizer, args.items, args.seq_len):.1f} s")
+    if args.reference:
+        side_by_side(args, model, tokenizer, dtype)
 
 
 if __name__ == "__main__":

@@ -325,7 +325,7 @@ class RLTrainer(SFTTrainer):
         state.smooth_loss = 0.9 * state.smooth_loss + 0.1 * loss
         record = dict(loss=loss, reward=reward, smooth_loss=state.smooth_loss / (1 - 0.9**state.step), lrm=lrm,
                       seconds=seconds, sampled_tokens=sampled, tok_per_s=sampled / seconds,
-                      mfu=self.plan.flops_per_token / 3 * sampled / seconds / self.peak_flops)
+                      mfu=self.mfu(self.plan.flops_per_token / 3 * sampled / seconds))
         if state.timed_steps:
             record["eta_s"] = state.train_seconds / state.timed_steps * (self.plan.num_iterations - state.step)
         self.logger.log(state.step, **record)

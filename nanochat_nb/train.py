@@ -43,7 +43,7 @@ __all__ = ['REF_DEPTH', 'REF_BATCH', 'BATCH_EXPONENT', 'MOMENTUM_WARMUP_STEPS', 
            'ASSUMED_MFU', 'meta_model', 'PlanError', 'TrainPlan', 'auto_batch_size', 'derive_plan', 'build_parser',
            'plan_from_args', 'describe_plan', 'add_runtime_arguments', 'ResumableBatches', 'TrainingDiverged',
            'LoopState', 'default_run_dir', 'build_model', 'build_optimizer', 'set_schedules', 'use_compile',
-           'device_peak_flops', 'progress_write', 'Progress', 'train_batches', 'read_validation_batches',
+           'device_peak_flops', 'progress_write', 'format_mfu', 'Progress', 'train_batches', 'read_validation_batches',
            'check_run_folder', 'TrainingRun', 'Trainer', 'measure_step_seconds', 'dry_run', 'train', 'main']
 
 # %% ../nbs/06_train.ipynb #ddf8a1b0
@@ -414,11 +414,11 @@ def use_compile(choice: str, device: torch.device, plan: TrainPlan) -> bool:
     return device.type == "cuda" or plan.num_iterations >= CPU_COMPILE_MIN_STEPS
 
 # %% ../nbs/06_train.ipynb #01908df9
-def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+def device_peak_flops(device: torch.device, dtype: torch.dtype, remeasure: bool = False) -> float:
     "The peak FLOP/s MFU is measured against (NaN for fp16 on a CPU, where timing a big matmul takes minutes)."
     if device.type == "cpu" and dtype == torch.float16:
         return float("nan")
-    return peak_flops(device, dtype)
+    return peak_flops(device, dtype, remeasure)
 
 
 def _synchronize(device: torch.device):
@@ -434,6 +434,11 @@ def progress_write(progress, text: str):
         print0(text)
 
 
+def format_mfu(mfu: float) -> str:
+    "An MFU for the progress line: a percentage, or '?' where the peak is unknown."
+    return "?" if math.isnan(mfu) else f"{100 * mfu:.1f}%"
+
+
 class Progress:
     "A tqdm bar (terminal, notebook) or a plain line every `every` steps (logs, pipes); rank 0 only."
 
@@ -446,7 +451,7 @@ class Progress:
     def update(self, step: int, record: dict):
         if not self.enabled:
             return
-        summary = f"loss {record['smooth_loss']:.4f} | {record['tok_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%"
+        summary = f"loss {record['smooth_loss']:.4f} | {record['tok_per_s']:,.0f} tok/s | MFU {format_mfu(record['mfu'])}"
         if self.bar is not None:
             self.bar.set_postfix_str(summary, refresh=False)
             self.bar.update(step - self.bar.n)
@@ -693,6 +698,15 @@ class Trainer(TrainingRun):
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
+    def mfu(self, flops_per_second: float) -> float:
+        """`flops_per_second` as a share of the peak. A CPU's peak is measured at start: a step faster than that
+        means the measurement met a busy machine, so it is measured again (the best kept); a share still above 1
+        is not a figure to print (NaN)."""
+        if flops_per_second > self.peak_flops and self.device.type == "cpu":
+            self.peak_flops = device_peak_flops(self.device, self.dtype, remeasure=True) * self.dist.world_size
+        share = flops_per_second / self.peak_flops
+        return share if share <= 1 else float("nan")
+
     def _record(self, loss: float, lrm: float, seconds: float) -> dict:
         "Count the step, log it, and return its metrics (the first step of a process includes compilation: not timed)."
         plan, state = self.plan, self.state
@@ -705,7 +719,7 @@ class Trainer(TrainingRun):
         tokens = state.step * plan.total_batch_size
         record = dict(loss=loss, smooth_loss=state.smooth_loss / (1 - beta**state.step), lrm=lrm, seconds=seconds,
                       tok_per_s=plan.total_batch_size / seconds, tokens=tokens, flops=plan.flops_per_token * tokens,
-                      mfu=plan.flops_per_token * plan.total_batch_size / seconds / self.peak_flops)
+                      mfu=self.mfu(plan.flops_per_token * plan.total_batch_size / seconds))
         if state.timed_steps:
             record["eta_s"] = state.train_seconds / state.timed_steps * (plan.num_iterations - state.step)
         self.logger.log(state.step, **record)

@@ -31,20 +31,21 @@ def test_lessons_have_a_parameters_cell():
         assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in cells), lesson.name
 
 
-def at_tiny_preset(words: list[str], out) -> list[str]:
-    "The README's command with its output in `out` and preset `tiny`."
+def at_tiny_preset(words: list[str], folder) -> list[str]:
+    "The README's command at preset `tiny`, writing the executed notebook and any `out_dir` into `folder`."
     lesson, _, *options = words
     assert "preset" in options, f"the README's command for {lesson} sets no preset"
     options[options.index("preset") + 1] = "tiny"
-    return [lesson, str(out), *options]
+    if "out_dir" in options:
+        options[options.index("out_dir") + 1] = str(folder / "out")
+    return [lesson, str(folder / "executed.ipynb"), *options]
 
 
 @pytest.mark.parametrize("lesson", sorted(COMMANDS))
 def test_lesson_runs_at_the_tiny_preset(lesson, tmp_path):
-    out = tmp_path / "executed.ipynb"
-    done = run_python("-m", "papermill", *at_tiny_preset(COMMANDS[lesson], out),
+    done = run_python("-m", "papermill", *at_tiny_preset(COMMANDS[lesson], tmp_path),
                       env={"NANOCHAT_HOME": str(tmp_path / "home")}, timeout=900)
     assert done.returncode == 0, f"{lesson} failed:\n{done.stderr[-6000:]}"
-    executed = json.loads(out.read_text())
+    executed = json.loads((tmp_path / "executed.ipynb").read_text())
     errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
