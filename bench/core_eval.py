@@ -4,6 +4,7 @@ weights) and the benchmark tokenizer (bench/_util.py).
 
     python bench/core_eval.py [--items 16] [--depth 4] [--seq-len 512] [--dtype fp32|bf16]
     python bench/core_eval.py --reference ~/src/nanochat [--repeat 2]   # side by side with a nanochat checkout
+    python bench/core_eval.py --checkpoint RUN_DIR --reference PATH     # a trained model: the scores must agree
 
 `--reference PATH` loads the same weights into nanochat's GPT and times its `core_eval.evaluate_task` (one forward
 pass per item, every position through the lm_head) on the same items, alternating with ours, and prints the ratio
@@ -22,6 +23,7 @@ from dataclasses import asdict
 import torch
 
 from _util import bench_tokenizer, machine_line, peak_memory_gb, timed
+from nanochat_nb.checkpoint import load_checkpoint_tokenizer, load_model
 from nanochat_nb.common import seed_everything
 from nanochat_nb.core_eval import evaluate_core, load_core_tasks, shuffled_items
 from nanochat_nb.gpt import GPT, GPTConfig
@@ -70,7 +72,7 @@ def reference_core(reference, tokenizer, max_per_task: int) -> dict:
 
 def side_by_side(args, model, tokenizer, dtype):
     "Ours and nanochat's evaluator, alternating `args.repeat` times; medians, ratio, agreement of the accuracies."
-    reference = reference_model(args.reference, model, dtype, args.seq_len)
+    reference = reference_model(args.reference, model, dtype, model.config.sequence_len)
     times = defaultdict(list)
     for _ in range(args.repeat):
         seconds, ours = timed(lambda: evaluate_core(model, tokenizer, max_per_task=args.items,
@@ -89,7 +91,8 @@ def side_by_side(args, model, tokenizer, dtype):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=16, help="items per task")
-    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--depth", type=int, default=4, help="of the random-init model")
+    parser.add_argument("--checkpoint", metavar="RUN_DIR", help="a trained base run instead of a random model")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-tokens", type=int, default=16384)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype of the model")
@@ -101,15 +104,21 @@ def main():
         parser.error(f"--reference needs --items above {fewshot}: nanochat draws each item's {fewshot} few-shot "
                      "examples from the other items of the task.")
 
-    tokenizer = bench_tokenizer()
-    seed_everything(0)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = GPT(GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len),
-                compute_dtype=dtype)
-    model.init_weights()
-    model.eval()
+    if args.checkpoint:  # a trained model: its scores mean something, so the two evaluators must agree on them
+        model, meta = load_model(args.checkpoint, compute_dtype=dtype)
+        tokenizer = load_checkpoint_tokenizer(args.checkpoint, meta)
+        what = f"{args.checkpoint} (d{model.config.n_layer}, trained)"
+    else:
+        tokenizer = bench_tokenizer()
+        seed_everything(0)
+        model = GPT(GPTConfig.from_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len),
+                    compute_dtype=dtype)
+        model.init_weights()
+        model.eval()
+        what = f"d{args.depth}, random weights"
     print(machine_line())
-    print(f"model d{args.depth} ({args.dtype}), vocab {tokenizer.vocab_size}, sequence {args.seq_len}; "
+    print(f"model {what} ({args.dtype}), vocab {tokenizer.vocab_size}, context {model.config.sequence_len}; "
           f"{args.items} items per task; batch_tokens {args.batch_tokens}")
 
     warnings.simplefilter("ignore")  # tasks without data: counted in the summary line below
@@ -120,7 +129,7 @@ def main():
         per_type[r["type"]][0] += r["items"]
         per_type[r["type"]][1] += r["seconds"]
     print(f"tasks: {result['tasks_used']} of {result['tasks_total']}; items cropped to {result['max_seq_len']} "
-          f"tokens: {result['truncated']}; CORE (random weights) {result['core']:.4f}")
+          f"tokens: {result['truncated']}; CORE {result['core']:.4f}")
     for task_type, (items, seconds) in sorted(per_type.items()):
         print(f"  {task_type:18s} {items:4d} items {seconds:6.1f} s  {items / seconds:6.1f} items/s")
     print(f"CORE eval total: {total:.1f} s   peak RSS: {peak_memory_gb():.2f} GiB")
