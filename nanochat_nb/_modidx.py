@@ -942,6 +942,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'nanochat_nb.train._check_inputs': ('train.html#_check_inputs', 'nanochat_nb/train.py'),
                                    'nanochat_nb.train._horizon': ('train.html#_horizon', 'nanochat_nb/train.py'),
                                    'nanochat_nb.train._synchronize': ('train.html#_synchronize', 'nanochat_nb/train.py'),
+                                   'nanochat_nb.train.add_output_arguments': ('train.html#add_output_arguments', 'nanochat_nb/train.py'),
                                    'nanochat_nb.train.add_runtime_arguments': ('train.html#add_runtime_arguments', 'nanochat_nb/train.py'),
                                    'nanochat_nb.train.auto_batch_size': ('train.html#auto_batch_size', 'nanochat_nb/train.py'),
                                    'nanochat_nb.train.build_model': ('train.html#build_model', 'nanochat_nb/train.py'),

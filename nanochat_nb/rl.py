@@ -28,7 +28,8 @@ from .common import (UserError, all_reduce_mean, all_reduce_sum, cleanup_distrib
 from .engine import Engine
 from .sft import SFTTrainer, sft_plan
 from .tasks import Task
-from .train import (ResumableBatches, TrainingDiverged, TrainPlan, add_runtime_arguments, progress_write,
+from .train import (ResumableBatches, TrainingDiverged, TrainPlan, add_output_arguments, add_runtime_arguments,
+                               progress_write,
                                set_schedules)
 
 # %% auto #0
@@ -378,10 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rl-eval-every", type=int, default=60, help="pass@k on test questions every N steps (-1: off)")
     ev.add_argument("--rl-eval-examples", type=int, default=400, help="test questions per evaluation")
     ev.add_argument("--pass-k", type=int, default=8, help="answers sampled per test question: pass@1 and pass@k")
-    ev.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
-    ev.add_argument("--log-every", type=int, default=0, help="print a progress line every N steps (0: about 20 a run)")
-    ev.add_argument("--run", help="run name: the folder <home>/chatrl_checkpoints/<run> (default: the SFT run's name)")
-    ev.add_argument("--run-dir", help="checkpoint folder (overrides --run)")
+    add_output_arguments(ev, run_dir_help="checkpoint folder (overrides --run)",
+                         run_help="run name: the folder <home>/chatrl_checkpoints/<run> (default: the SFT run's name)")
     add_runtime_arguments(p)
     return p
 

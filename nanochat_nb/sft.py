@@ -30,7 +30,7 @@ from .engine import Engine
 from .gpt import load_model_state
 from .chat_eval import chatcore, run_chat_eval
 from .train import (ResumableBatches, Trainer, TrainPlan, build_model, build_optimizer, derive_plan,
-                               add_runtime_arguments, describe_plan, progress_write)
+                               add_output_arguments, add_runtime_arguments, describe_plan, progress_write)
 
 # %% auto #0
 __all__ = ['PaddedBestFitPacker', 'EmptyMixture', 'rows_to_batch', 'SFTLoader', 'conversations_fingerprint', 'newest_base_run',
@@ -351,10 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--chat-eval-every", type=int, default=200, help="chat evaluation every N steps (-1: off)")
     ev.add_argument("--chat-eval-items", type=int, default=24, help="items per task in each chat evaluation")
     ev.add_argument("--chat-eval-tokens", type=int, default=256, help="most tokens of a generated answer there")
-    ev.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
-    ev.add_argument("--log-every", type=int, default=0, help="print a progress line every N steps (0: about 20 a run)")
-    ev.add_argument("--run", help="run name: the folder <home>/chatsft_checkpoints/<run> (default: the base run's name)")
-    ev.add_argument("--run-dir", help="checkpoint folder (overrides --run)")
+    add_output_arguments(ev, run_dir_help="checkpoint folder (overrides --run)",
+                         run_help="run name: the folder <home>/chatsft_checkpoints/<run> (default: the base run's name)")
     add_runtime_arguments(p)
     return p
 

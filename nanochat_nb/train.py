@@ -41,10 +41,11 @@ from .tokenizer import load_token_bytes, load_tokenizer
 # %% auto #0
 __all__ = ['REF_DEPTH', 'REF_BATCH', 'BATCH_EXPONENT', 'MOMENTUM_WARMUP_STEPS', 'VAL_CACHE_BYTES', 'CPU_COMPILE_MIN_STEPS',
            'ASSUMED_MFU', 'meta_model', 'PlanError', 'TrainPlan', 'auto_batch_size', 'derive_plan', 'build_parser',
-           'plan_from_args', 'describe_plan', 'add_runtime_arguments', 'ResumableBatches', 'TrainingDiverged',
-           'LoopState', 'default_run_dir', 'build_model', 'build_optimizer', 'set_schedules', 'use_compile',
-           'device_peak_flops', 'progress_write', 'format_mfu', 'Progress', 'train_batches', 'read_validation_batches',
-           'check_run_folder', 'TrainingRun', 'Trainer', 'measure_step_seconds', 'dry_run', 'train', 'main']
+           'plan_from_args', 'describe_plan', 'add_output_arguments', 'add_runtime_arguments', 'ResumableBatches',
+           'TrainingDiverged', 'LoopState', 'default_run_dir', 'build_model', 'build_optimizer', 'set_schedules',
+           'use_compile', 'device_peak_flops', 'progress_write', 'format_mfu', 'Progress', 'train_batches',
+           'read_validation_batches', 'check_run_folder', 'TrainingRun', 'Trainer', 'measure_step_seconds', 'dry_run',
+           'train', 'main']
 
 # %% ../nbs/06_train.ipynb #ddf8a1b0
 def meta_model(depth: int, vocab_size: int = 32768, max_seq_len: int = 2048, window_pattern: str = "SSSL",
@@ -257,9 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-every", type=int, default=250, help="validation bits per byte every N steps (-1: off)")
     ev.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
     ev.add_argument("--sample-every", type=int, default=2000, help="print samples every N steps (-1: off)")
-    ev.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
-    ev.add_argument("--log-every", type=int, default=0, help="print a progress line every N steps (0: about 20 a run)")
-    ev.add_argument("--run-dir", help="checkpoint folder (default: <home>/base_checkpoints/d<depth>)")
+    add_output_arguments(ev, run_dir_help="checkpoint folder (default: <home>/base_checkpoints/d<depth>)")
     ev.add_argument("--tokenizer-dir", help="tokenizer folder (default: <home>/tokenizer)")
     run = add_runtime_arguments(p)
     run.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks' linear layers (Hopper GPUs only)")
@@ -298,6 +297,15 @@ def describe_plan(plan: TrainPlan) -> str:
     ]
     lines += [f"{'peak lr' if i == 0 else '':13s}{name:<16s}{lr:.4g}" for i, (name, lr) in enumerate(plan.lrs.items())]
     return "\n".join(lines)
+
+
+def add_output_arguments(group, run_dir_help: str, run_help: str | None = None):
+    "The checkpoint and progress flags of every training stage; `run_help` adds --run, a name in the stage's folder."
+    group.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
+    group.add_argument("--log-every", type=int, default=0, help="print a progress line every N steps (0: about 20 a run)")
+    if run_help:
+        group.add_argument("--run", help=run_help)
+    group.add_argument("--run-dir", help=run_dir_help)
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser):
