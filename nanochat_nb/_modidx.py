@@ -525,7 +525,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'nanochat_nb.rl.RLTrainer.__init__': ('rl.html#rltrainer.__init__', 'nanochat_nb/rl.py'),
                                 'nanochat_nb.rl.RLTrainer._default_run_dir': ('rl.html#rltrainer._default_run_dir', 'nanochat_nb/rl.py'),
                                 'nanochat_nb.rl.RLTrainer._make_plan': ('rl.html#rltrainer._make_plan', 'nanochat_nb/rl.py'),
-                                'nanochat_nb.rl.RLTrainer._record_step': ('rl.html#rltrainer._record_step', 'nanochat_nb/rl.py'),
                                 'nanochat_nb.rl.RLTrainer._train_batches': ('rl.html#rltrainer._train_batches', 'nanochat_nb/rl.py'),
                                 'nanochat_nb.rl.RLTrainer.evaluate': ('rl.html#rltrainer.evaluate', 'nanochat_nb/rl.py'),
                                 'nanochat_nb.rl.RLTrainer.periodic': ('rl.html#rltrainer.periodic', 'nanochat_nb/rl.py'),

@@ -314,23 +314,9 @@ class RLTrainer(SFTTrainer):
         self.model.zero_grad(set_to_none=True)
         self.rewards.append(reward_sum / answers)
         seconds = time.perf_counter() - start
-        return *next(self.batches), self._record_step(loss, reward_sum / answers, sampled, lrm, seconds)
-
-    def _record_step(self, loss: float, reward: float, sampled: float, lrm: float, seconds: float) -> dict:
-        "Count the step and log its loss and mean reward (the first step of a process is not timed)."
-        state = self.state
-        state.step += 1
-        if state.step > self.first_step + 1:
-            state.train_seconds += seconds
-            state.timed_steps += 1
-        state.smooth_loss = 0.9 * state.smooth_loss + 0.1 * loss
-        record = dict(loss=loss, reward=reward, smooth_loss=state.smooth_loss / (1 - 0.9**state.step), lrm=lrm,
-                      seconds=seconds, sampled_tokens=sampled, tok_per_s=sampled / seconds,
-                      mfu=self.mfu(self.plan.flops_per_token / 3 * sampled / seconds))
-        if state.timed_steps:
-            record["eta_s"] = state.train_seconds / state.timed_steps * (self.plan.num_iterations - state.step)
-        self.logger.log(state.step, **record)
-        return record
+        return *next(self.batches), self._record(loss, lrm, seconds, reward=reward_sum / answers, sampled_tokens=sampled,
+                                                 tok_per_s=sampled / seconds,
+                                                 mfu=self.mfu(self.plan.flops_per_token / 3 * sampled / seconds))
 
     def evaluate(self, progress=None):
         "pass@1 and pass@k on the held-out questions (every process takes part); logged."

@@ -715,8 +715,9 @@ class Trainer(TrainingRun):
         share = flops_per_second / self.peak_flops
         return share if share <= 1 else float("nan")
 
-    def _record(self, loss: float, lrm: float, seconds: float) -> dict:
-        "Count the step, log it, and return its metrics (the first step of a process includes compilation: not timed)."
+    def _record(self, loss: float, lrm: float, seconds: float, **metrics) -> dict:
+        """Count the step, log it, and return its metrics (the first step of a process includes compilation: not
+        timed). `metrics` replace the throughput of a step of `total_batch_size` tokens (RL counts what it sampled)."""
         plan, state = self.plan, self.state
         state.step += 1
         if state.step > self.first_step + 1:
@@ -724,10 +725,12 @@ class Trainer(TrainingRun):
             state.timed_steps += 1
         beta = 0.9
         state.smooth_loss = beta * state.smooth_loss + (1 - beta) * loss
-        tokens = state.step * plan.total_batch_size
+        if not metrics:
+            tokens = state.step * plan.total_batch_size
+            metrics = dict(tok_per_s=plan.total_batch_size / seconds, tokens=tokens, flops=plan.flops_per_token * tokens,
+                           mfu=self.mfu(plan.flops_per_token * plan.total_batch_size / seconds))
         record = dict(loss=loss, smooth_loss=state.smooth_loss / (1 - beta**state.step), lrm=lrm, seconds=seconds,
-                      tok_per_s=plan.total_batch_size / seconds, tokens=tokens, flops=plan.flops_per_token * tokens,
-                      mfu=self.mfu(plan.flops_per_token * plan.total_batch_size / seconds))
+                      **metrics)
         if state.timed_steps:
             record["eta_s"] = state.train_seconds / state.timed_steps * (plan.num_iterations - state.step)
         self.logger.log(state.step, **record)

@@ -224,18 +224,18 @@ def test_rl_run_learns_from_contested_groups(reference_rl, sft_run):
 
 def test_interrupted_rl_run_resumes_exactly(reference_rl, sft_run, tmp_path, monkeypatch, one_thread):
     reference_dir, _ = reference_rl
-    record = RLTrainer._record_step
+    record = RLTrainer._record
 
-    def record_then_stop(self, *args):
-        out = record(self, *args)
+    def record_then_stop(self, *args, **metrics):
+        out = record(self, *args, **metrics)
         if self.state.step == 3:
             raise KeyboardInterrupt   # killed after step 3; the last checkpoint is step 2
         return out
-    monkeypatch.setattr(RLTrainer, "_record_step", record_then_stop)
+    monkeypatch.setattr(RLTrainer, "_record", record_then_stop)
     with pytest.raises(KeyboardInterrupt):
         rl(rl_args(sft_run, tmp_path), AnswerHasDigit("train"), AnswerHasDigit("test"))
     assert checkpoint.steps(tmp_path) == [2]
-    monkeypatch.setattr(RLTrainer, "_record_step", record)
+    monkeypatch.setattr(RLTrainer, "_record", record)
     rl(rl_args(sft_run, tmp_path, "--resume"), AnswerHasDigit("train"), AnswerHasDigit("test"))
     resumed, reference = history(tmp_path), history(reference_dir)
     assert resumed == reference, (resumed, reference)   # bit for bit: losses, rewards, pass@k
