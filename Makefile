@@ -38,7 +38,8 @@ test: install
 
 speedrun: install
 	@mkdir -p outputs
-	MPLBACKEND=module://matplotlib_inline.backend_inline $(PY) -m papermill lessons/speedrun.ipynb outputs/speedrun_$(PRESET).ipynb -p preset $(PRESET) -k python3 --cwd lessons --log-output
+	name=$$($(PY) -c 'from nanochat_nb.scaling import output_name; print(output_name("speedrun", "$(PRESET)"))'); \
+	MPLBACKEND=module://matplotlib_inline.backend_inline $(PY) -m papermill lessons/speedrun.ipynb outputs/$$name.ipynb -p preset $(PRESET) -k python3 --cwd lessons --log-output
 
 # Execute chapters in place on this machine (the small presets the tests use) so that they are committed with what
 # they printed and drew, stamped with a hash of their code (tests/test_notebooks.py fails on a stale chapter).

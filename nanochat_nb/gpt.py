@@ -370,6 +370,9 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig, compute_dtype: torch.dtype | None = None):
         super().__init__()
+        if config.n_embd < SMEAR_CHANNELS:
+            raise ValueError(f"A GPT needs at least {SMEAR_CHANNELS} channels (its smear gate reads the first "
+                             f"{SMEAR_CHANNELS}), this one has {config.n_embd}: make it wider (depth or aspect ratio).")
         self.config = config
         self.compute_dtype = compute_dtype or default_compute_dtype()
         self.decoding_head = DecodingHead()  # the head in layouts for sampling on a CPU (not part of the state)

@@ -102,7 +102,7 @@ NANOCHAT_DEPTHS = [10, 12, 14, 16, 18, 20]
 ISOFLOP_SWEEPS = {
     "tiny": Sweep([1, 2], budgets=[3e9, 6e9], train_flags=[*_TINY, *_FINAL_EVAL, "--eval-tokens", "4096"],
                   vocab_size=2048, tokenizer_chars=2_000_000),
-    "cpu": Sweep([1, 2, 3], budgets=[2.5e10, 5e10, 1e11], train_flags=[*_CPU, *_FINAL_EVAL, "--eval-tokens", "32768"],
+    "cpu": Sweep([1, 2, 3, 4], budgets=[5e11, 1e12, 2e12], train_flags=[*_CPU, *_FINAL_EVAL, "--eval-tokens", "32768"],
                  vocab_size=2048, tokenizer_chars=20_000_000),
     "gpu1": Sweep(NANOCHAT_DEPTHS, budgets=NANOCHAT_BUDGETS, train_flags=["--preset", "gpu1"]),
     "speedrun": Sweep(NANOCHAT_DEPTHS, budgets=NANOCHAT_BUDGETS, train_flags=["--preset", "speedrun"], nproc=8),
@@ -110,7 +110,7 @@ ISOFLOP_SWEEPS = {
 MINISERIES_SWEEPS = {
     "tiny": Sweep([1, 2], ratio=0.2, train_flags=[*_TINY, "--eval-every", "8", "--eval-tokens", "4096"],
                   vocab_size=2048, tokenizer_chars=2_000_000, core_flags=["--max-per-task", "2", "--core-max-seq-len", "128"]),
-    "cpu": Sweep([1, 2, 3], ratio=0.5, train_flags=[*_CPU, "--eval-every", "10", "--eval-tokens", "8192"],
+    "cpu": Sweep([1, 2, 3], ratio=8, train_flags=[*_CPU, "--eval-every", "50", "--eval-tokens", "8192"],
                  vocab_size=2048, tokenizer_chars=20_000_000, core_flags=["--max-per-task", "16", "--core-max-seq-len", "128"]),
     "gpu1": Sweep(NANOCHAT_DEPTHS, ratio=12, train_flags=["--preset", "gpu1"], core_flags=["--preset", "gpu1"]),
     "speedrun": Sweep(NANOCHAT_DEPTHS, ratio=12, train_flags=["--preset", "speedrun"], core_flags=["--preset", "speedrun"],

@@ -206,7 +206,10 @@ def derive_plan(depth: int, vocab_size: int = 32768, *, max_seq_len: int = 2048,
                   num_iterations, target_flops, target_param_data_ratio)
     shape = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, window_pattern=window_pattern.upper(),
                  aspect_ratio=aspect_ratio, head_dim=head_dim)
-    model = meta_model(depth, **shape)
+    try:
+        model = meta_model(depth, **shape)
+    except ValueError as error:  # a shape the model refuses (e.g. too narrow)
+        raise PlanError(str(error)) from None
     n_params, flops = model.num_scaling_params(), model.estimate_flops()
     ratio = target_param_data_ratio if target_param_data_ratio > 0 else 12
     target_tokens = int(ratio * n_params)

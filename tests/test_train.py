@@ -109,6 +109,7 @@ def test_schedules():
     (["--depth", "0"], "--depth must be a positive"),
     (["--total-batch-size", "1000"], "not a multiple of device batch"),
     (["--tokenizer-dir", "MISSING"], "nanochat-tok-train"),
+    (["--depth", "1", "--aspect-ratio", "16", "--head-dim", "16"], "at least 24 channels"),
 ])
 def test_bad_input_fails_before_any_work(tokenizer, tmp_path, capsys, flags, message):
     run_dir = tmp_path / "run"
