@@ -557,6 +557,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'nanochat_nb.scaling.Sweep.runs': ('scaling.html#sweep.runs', 'nanochat_nb/scaling.py'),
                                      'nanochat_nb.scaling._number': ('scaling.html#_number', 'nanochat_nb/scaling.py'),
                                      'nanochat_nb.scaling.append_rows': ('scaling.html#append_rows', 'nanochat_nb/scaling.py'),
+                                     'nanochat_nb.scaling.compact_log_axes': ('scaling.html#compact_log_axes', 'nanochat_nb/scaling.py'),
                                      'nanochat_nb.scaling.compare_with_published': ( 'scaling.html#compare_with_published',
                                                                                      'nanochat_nb/scaling.py'),
                                      'nanochat_nb.scaling.curve_crossings': ('scaling.html#curve_crossings', 'nanochat_nb/scaling.py'),

@@ -30,7 +30,7 @@ __all__ = ['CHINCHILLA', 'NANOCHAT', 'NANOCHAT_ALL_PARAMS', 'PUBLISHED', 'GPT2_C
            'NANOCHAT_BUDGETS', 'NANOCHAT_DEPTHS', 'ISOFLOP_SWEEPS', 'MINISERIES_SWEEPS', 'ScalingError', 'Run', 'Sweep',
            'sweep_tokenizer', 'hardware_tag', 'output_name', 'read_rows', 'read_results', 'append_rows', 'curves_path',
            'result_row', 'curve_rows', 'measure_core', 'pending_runs', 'train_flags', 'run_sweep', 'quadratic_minimum',
-           'isoflop_optima', 'power_law', 'scaling_fit', 'compare_with_published', 'plot_isoflop',
+           'isoflop_optima', 'power_law', 'scaling_fit', 'compare_with_published', 'compact_log_axes', 'plot_isoflop',
            'synthetic_isoflop_rows', 'read_curves', 'curve_crossings', 'plot_miniseries']
 
 # %% ../nbs/15_scaling.ipynb #8ec32ac8
@@ -110,7 +110,7 @@ ISOFLOP_SWEEPS = {
 MINISERIES_SWEEPS = {
     "tiny": Sweep([1, 2], ratio=0.2, train_flags=[*_TINY, "--eval-every", "8", "--eval-tokens", "4096"],
                   vocab_size=2048, tokenizer_chars=2_000_000, core_flags=["--max-per-task", "2", "--core-max-seq-len", "128"]),
-    "cpu": Sweep([1, 2, 3], ratio=8, train_flags=[*_CPU, "--eval-every", "50", "--eval-tokens", "8192"],
+    "cpu": Sweep([1, 2, 3], ratio=8, train_flags=[*_CPU, "--eval-every", "200", "--eval-tokens", "262144"],
                  vocab_size=2048, tokenizer_chars=20_000_000, core_flags=["--max-per-task", "16", "--core-max-seq-len", "128"]),
     "gpu1": Sweep(NANOCHAT_DEPTHS, ratio=12, train_flags=["--preset", "gpu1"], core_flags=["--preset", "gpu1"]),
     "speedrun": Sweep(NANOCHAT_DEPTHS, ratio=12, train_flags=["--preset", "speedrun"], core_flags=["--preset", "speedrun"],
@@ -320,6 +320,18 @@ def compare_with_published(fits: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/15_scaling.ipynb #323dce61
+def compact_log_axes(fig):
+    "Label every log axis of `fig` at 1, 2 and 5 times each power of ten, written short (2e11): no crowded labels."
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    short = FuncFormatter(lambda value, _: f"{value:.0e}".replace("e+0", "e").replace("e+", "e"))
+    for ax in fig.axes:
+        for axis, scale in [(ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())]:
+            if scale == "log":
+                axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+                axis.set_major_formatter(short)
+                axis.set_minor_formatter(NullFormatter())
+
+
 def plot_isoflop(rows: list[dict], fit: dict | None, params: str = "params_scaling"):
     """The three panels of an isoFLOP study: val bpb against N per budget with its parabola and minimum; N_opt
     against C; D_opt against C, each with its power law. Without a fit (`fit=None`) only the measured points.
@@ -353,6 +365,7 @@ def plot_isoflop(rows: list[dict], fit: dict | None, params: str = "params_scali
         ax.plot(c, [o[key] for o in optima.values()], "o", ms=8)
         ax.plot(span, k * span**exponent, "--", label=f"{name}_opt ∝ C^{exponent:.2f}")
         ax.legend()
+    compact_log_axes(fig)
     fig.tight_layout()
     return fig
 
@@ -435,5 +448,6 @@ def plot_miniseries(rows: list[dict], curves: dict, gpt2_core: float = GPT2_CORE
         ax_cost.annotate(f"d{r['depth']:.0f}", (x, y), textcoords="offset points", xytext=(4, 4))
     ax_cost.set(xscale="log" if max(cost) > 10 * min(cost) else "linear", xlabel=unit,
                 ylabel="CORE" if has_core else "validation bits per byte", title="cost against capability")
+    compact_log_axes(fig)
     fig.tight_layout()
     return fig

@@ -1,9 +1,10 @@
-"""The tuning sweep behind the `cpu` preset: shapes (vocabulary, depth) trained with the preset's other settings on
-one FLOPs budget on this machine, each scored by validation bits per byte (comparable across vocabularies) and timed.
+"""The tuning sweep behind the `cpu` preset: shapes (vocabulary, depth) trained with the preset's other settings,
+each scored by validation bits per byte (comparable across vocabularies) and timed. A quick screen of many shapes
+on a small budget (`--flops`), then the best vocabulary's depths at the budget of the preset's own run.
 
     python tools/cpu_preset_sweep.py [--flops 6e12] [--out outputs/cpu_preset_sweep.csv]
 
-Each vocabulary is one isoFLOP `scaling.Sweep` (its runs resume from a CSV per vocabulary under
+Each (vocabulary, budget) is one isoFLOP `scaling.Sweep` (runs resume from a CSV per vocabulary under
 `<home>/cpu_preset_sweep/`); the table at `--out` joins them with a vocab_size column. The speedrun lesson shows it.
 """
 import argparse
@@ -11,28 +12,42 @@ from pathlib import Path
 
 from nanochat_nb import scaling
 from nanochat_nb.common import load_preset, nanochat_home
+from nanochat_nb.train import derive_plan
 
 REPO = Path(__file__).resolve().parent.parent
-SHAPES = {32768: [4], 8192: [2, 4], 4096: [1, 2, 3, 4], 2048: [2]}  # vocabulary: depths; 32768 x d4 was the preset
-FLAGS = ["--preset", "cpu", "--eval-every", "1000000", "--eval-tokens", "65536", "--sample-every", "-1"]
-TABLE = ["vocab_size", "depth", "width", "params_scaling", "params_total", "iterations", "tokens", "flops", "val_bpb",
+SCREEN = {32768: [4], 8192: [2, 4], 4096: [1, 2, 3, 4], 2048: [2]}  # vocabulary: depths; 32768 x d4 was the preset
+FINALISTS = {4096: [1, 2, 3]}  # at the preset's own budget
+FLAGS = ["--preset", "cpu", "--eval-every", "1000000", "--eval-tokens", "262144", "--sample-every", "-1"]
+TABLE = ["budget", "vocab_size", "depth", "width", "params_scaling", "params_total", "iterations", "tokens", "flops", "val_bpb",
          "seconds"]
+
+
+def preset_flops() -> float:
+    "The training FLOPs of the `cpu` preset's own run (its depth, vocabulary, steps and batch)."
+    preset = load_preset("cpu")
+    plan = derive_plan(int(preset["depth"]), int(preset["vocab-size"]), max_seq_len=int(preset["max-seq-len"]),
+                       num_iterations=int(preset["num-iterations"]), total_batch_size=int(preset["total-batch-size"]),
+                       device_batch_size=int(preset["device-batch-size"]))
+    return plan.flops_per_token * plan.total_batch_size * plan.num_iterations
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flops", type=float, default=6e12, help="training FLOPs of every run")
+    parser.add_argument("--flops", type=float, default=6e12, help="training FLOPs of each screened shape")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "cpu_preset_sweep.csv")
     args = parser.parse_args()
     home = nanochat_home() / "cpu_preset_sweep"
     table = []
-    for vocab_size, depths in SHAPES.items():
-        sweep = scaling.Sweep(depths, budgets=[args.flops], train_flags=FLAGS, vocab_size=vocab_size,
-                              tokenizer_chars=int(load_preset("cpu")["max-chars"]))
-        results = home / f"vocab_{vocab_size}.csv"
-        scaling.run_sweep(sweep, results, runs_dir=home / f"vocab_{vocab_size}",
-                          tokenizer_dir=scaling.sweep_tokenizer(sweep, home))
-        table += [{**row, "vocab_size": vocab_size} for row in scaling.read_results(results)]
+    stages = [(SCREEN, float(f"{args.flops:.3g}")), (FINALISTS, float(f"{preset_flops():.3g}"))]
+    for shapes, budget in stages:
+        for vocab_size, depths in shapes.items():
+            sweep = scaling.Sweep(depths, budgets=[budget], train_flags=FLAGS, vocab_size=vocab_size,
+                                  tokenizer_chars=int(load_preset("cpu")["max-chars"]))
+            results = home / f"vocab_{vocab_size}.csv"
+            scaling.run_sweep(sweep, results, runs_dir=home / f"vocab_{vocab_size}",
+                              tokenizer_dir=scaling.sweep_tokenizer(sweep, home))
+    for vocab_size in sorted({*SCREEN, *FINALISTS}, reverse=True):
+        table += [{**row, "vocab_size": vocab_size} for row in scaling.read_results(home / f"vocab_{vocab_size}.csv")]
     args.out.unlink(missing_ok=True)  # the table is rebuilt from the per-vocabulary CSVs, which keep every run
     scaling.append_rows(args.out, [{k: row[k] for k in TABLE} for row in table], TABLE)
     print(f"{len(table)} shapes -> {args.out}")
