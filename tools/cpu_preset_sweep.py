@@ -10,9 +10,8 @@ Each (vocabulary, budget) is one isoFLOP `scaling.Sweep` (runs resume from a CSV
 import argparse
 from pathlib import Path
 
-from nanochat_nb import scaling
-from nanochat_nb.common import load_preset, nanochat_home
-from nanochat_nb.train import derive_plan
+from nanochat_nb import scaling, train
+from nanochat_nb.common import load_preset, nanochat_home, parse_args_with_preset
 
 REPO = Path(__file__).resolve().parent.parent
 SCREEN = {32768: [4], 8192: [2, 4], 4096: [1, 2, 3, 4], 2048: [2]}  # vocabulary: depths; 32768 x d4 was the preset
@@ -23,12 +22,9 @@ TABLE = ["budget", *COUNTS, "flops", "val_bpb", "seconds"]
 
 
 def preset_flops() -> float:
-    "The training FLOPs of the `cpu` preset's own run (its depth, vocabulary, steps and batch)."
-    preset = load_preset("cpu")
-    plan = derive_plan(int(preset["depth"]), int(preset["vocab-size"]), max_seq_len=int(preset["max-seq-len"]),
-                       num_iterations=int(preset["num-iterations"]), total_batch_size=int(preset["total-batch-size"]),
-                       device_batch_size=int(preset["device-batch-size"]))
-    return plan.flops_per_token * plan.total_batch_size * plan.num_iterations
+    "The training FLOPs of the `cpu` preset's own run, planned as `nanochat-base-train --preset cpu` plans it."
+    args = parse_args_with_preset(train.build_parser(), ["--preset", "cpu"])
+    return train.plan_from_args(args, int(load_preset("cpu")["vocab-size"]), world_size=1).total_flops
 
 
 def main():
@@ -37,15 +33,16 @@ def main():
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "cpu_preset_sweep.csv")
     args = parser.parse_args()
     home = nanochat_home() / "cpu_preset_sweep"
-    table = []
+    tokenizer_chars = int(load_preset("cpu")["max-chars"])
     stages = [(SCREEN, float(f"{args.flops:.3g}")), (FINALISTS, float(f"{preset_flops():.3g}"))]
     for shapes, budget in stages:
         for vocab_size, depths in shapes.items():
             sweep = scaling.Sweep(depths, budgets=[budget], train_flags=FLAGS, vocab_size=vocab_size,
-                                  tokenizer_chars=int(load_preset("cpu")["max-chars"]))
+                                  tokenizer_chars=tokenizer_chars)
             results = home / f"vocab_{vocab_size}.csv"
             scaling.run_sweep(sweep, results, runs_dir=home / f"vocab_{vocab_size}",
                               tokenizer_dir=scaling.sweep_tokenizer(sweep, home))
+    table = []
     for vocab_size in sorted({*SCREEN, *FINALISTS}, reverse=True):
         for row in scaling.read_results(home / f"vocab_{vocab_size}.csv"):
             row["vocab_size"] = vocab_size
